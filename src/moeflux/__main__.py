@@ -1,0 +1,5 @@
+import sys
+
+from moeflux.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The benchmark and correctness suite behind ``moeflux bench`` and ``moeflux check``."""

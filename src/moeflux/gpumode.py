@@ -1,0 +1,112 @@
+"""The GPU MODE ``amd-mixture-of-experts`` competition's contract, on moeflux.
+
+* :func:`generate_input` draws the competition's inputs: the same tensors, in the same
+  order, with the same scaling, from a ``torch.Generator`` seeded on the target device.
+* :func:`ref_kernel` computes what the competition's reference computes, with the same
+  algorithm (argsort by expert, per-expert SwiGLU, ``scatter_reduce`` sum) in the input dtype.
+* :func:`custom_kernel` runs moeflux's own layer and returns the ``[bs, seq, H]`` output the
+  competition's harness compares with ``ref_kernel`` (``allclose``, rtol = atol = 1e-2).
+
+``data`` is the tuple ``(input [bs, seq, H], weights: dict[str, Tensor], config: dict)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from moeflux.config import MoEConfig
+from moeflux.layer import moe
+from moeflux.weights import MoEWeights
+
+SeedData = tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]
+
+
+def generate_input(
+    dhidden: int,
+    dexpert: int,
+    nroutedexperts: int,
+    nsharedexperts: int,
+    nexpertspertoken: int,
+    bs: int,
+    seqlen: int,
+    seed: int,
+    device: torch.device | str = "cuda",
+) -> SeedData:
+    """The competition's inputs: fp16 Gaussians drawn in this order, each scaled by
+    ``1/sqrt(fan)``: input ``[bs, seq, H]`` (unscaled), ``router.weight [E, H]`` (``/sqrt(H)``),
+    then per expert gate ``[H, D]`` and up ``[H, D]`` (``/sqrt(D)``) and down ``[D, H]``
+    (``/sqrt(H)``), then the shared gate, up (``/sqrt(D*S)``) and down (``/sqrt(H)``)."""
+    config = {
+        "d_hidden": dhidden,
+        "d_expert": dexpert,
+        "n_routed_experts": nroutedexperts,
+        "n_shared_experts": nsharedexperts,
+        "n_experts_per_token": nexpertspertoken,
+        "batch_size": bs,
+        "seq_len": seqlen,
+    }
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+
+    def draw(*shape: int, fan: int) -> torch.Tensor:
+        sample = torch.randn(shape, device=device, dtype=torch.float16, generator=generator)
+        return sample / math.sqrt(fan) if fan else sample
+
+    x = draw(bs, seqlen, dhidden, fan=0).contiguous()
+    weights = {"router.weight": draw(nroutedexperts, dhidden, fan=dhidden)}
+    for i in range(nroutedexperts):
+        weights[f"experts.{i}.0.weight"] = draw(dhidden, dexpert, fan=dexpert)
+        weights[f"experts.{i}.1.weight"] = draw(dhidden, dexpert, fan=dexpert)
+        weights[f"experts.{i}.2.weight"] = draw(dexpert, dhidden, fan=dhidden)
+    shared_width = dexpert * nsharedexperts
+    weights["shared_experts.0.weight"] = draw(dhidden, shared_width, fan=shared_width)
+    weights["shared_experts.1.weight"] = draw(dhidden, shared_width, fan=shared_width)
+    weights["shared_experts.2.weight"] = draw(shared_width, dhidden, fan=dhidden)
+    return x, weights, config
+
+
+def ref_kernel(data: SeedData) -> torch.Tensor:
+    """The competition's reference algorithm, in the input dtype; returns ``[bs, seq, H]``."""
+    x, weights, config = data
+    num_experts, top_k = config["n_routed_experts"], config["n_experts_per_token"]
+    hidden = x.shape[-1]
+    tokens = x.reshape(-1, hidden)
+
+    def swiglu(rows: torch.Tensor, prefix: str) -> torch.Tensor:
+        gate = F.silu(rows @ weights[f"{prefix}.0.weight"])
+        return (gate * (rows @ weights[f"{prefix}.1.weight"])) @ weights[f"{prefix}.2.weight"]
+
+    scores = F.linear(tokens, weights["router.weight"]).softmax(dim=-1)
+    top_scores, top_ids = torch.topk(scores, k=top_k, dim=-1, sorted=False)
+    flat_ids = top_ids.reshape(-1)
+    order = flat_ids.argsort()
+    ends = flat_ids.bincount(minlength=num_experts).cumsum(0).tolist()
+    routed = torch.zeros_like(tokens)
+    start = 0
+    for expert, end in enumerate(ends):
+        if end > start:
+            pairs = order[start:end]
+            token_ids = pairs // top_k
+            rows = swiglu(tokens[token_ids], f"experts.{expert}") * top_scores.reshape(-1, 1)[pairs]
+            routed.scatter_reduce_(0, token_ids[:, None].expand(-1, hidden), rows, reduce="sum")
+        start = end
+    shared = swiglu(tokens, "shared_experts") if config["n_shared_experts"] > 0 else 0
+    return (routed + shared).view(x.shape)
+
+
+def custom_kernel(data: SeedData, *, return_aux: bool = False, backend: str = "auto"):
+    """moeflux's layer on the competition's inputs.
+
+    Returns the output ``[bs, seq, H]``, or ``(output, aux)`` with ``aux`` the dict of
+    :class:`moeflux.MoEAux` fields when ``return_aux`` is set. The per-expert weights are
+    packed once per call (the harness passes new tensors every call)."""
+    x, weights, config = data
+    moe_config = MoEConfig.from_seed_config(config)
+    packed = MoEWeights.from_seed_weights(weights, moe_config)
+    with torch.no_grad():
+        out, aux = moe(x, packed, moe_config.top_k, backend=backend)
+    return (out, aux.as_dict()) if return_aux else out

@@ -1,0 +1,37 @@
+"""Routed + shared SwiGLU experts, combined per token by the router weights.
+
+``run_experts`` is the one entry point; the plain-PyTorch path lives in
+:mod:`moeflux.ops.experts.naive`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moeflux.ops.experts.naive import experts_torch
+from moeflux.weights import MoEWeights
+
+
+def run_experts(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_weights: torch.Tensor,
+    weights: MoEWeights,
+    *,
+    backend: str = "torch",
+) -> torch.Tensor:
+    """``out[t] = sum_j w[t, j] * SwiGLU_{ids[t, j]}(x[t]) + sum_s SwiGLU_{E + s}(x[t])``.
+
+    Args:
+        x: ``[T, H]`` tokens.
+        expert_ids: ``[T, k]`` int64 routed expert ids in ``[0, E)``.
+        expert_weights: ``[T, k]`` their weights (float32).
+        weights: packed layer weights; experts ``E..E+S-1`` are the shared slices.
+        backend: ``"torch"`` (the Triton path arrives with the grouped matmul).
+
+    Returns:
+        ``[T, H]`` in ``x.dtype``.
+    """
+    if backend in ("torch", "triton"):
+        return experts_torch(x, expert_ids, expert_weights, weights.gate_up, weights.down, weights.num_experts)
+    raise ValueError(f"unknown experts backend {backend!r}")
