@@ -13,9 +13,9 @@ import triton.language as tl
 
 # Keys for the top-k search: probabilities lie in [0, 1], so these sentinels rank below
 # every real expert. NaN probabilities rank above padding, so ids stay in [0, E).
-_KEY_NAN = -1.0
-_KEY_PADDING = -2.0
-_KEY_TAKEN = -3.0
+_KEY_NAN = tl.constexpr(-1.0)
+_KEY_PADDING = tl.constexpr(-2.0)
+_KEY_TAKEN = tl.constexpr(-3.0)
 
 
 @triton.jit
