@@ -24,10 +24,10 @@ def experts_torch(
     tokens_per_expert = torch.bincount(flat_ids, minlength=num_routed)
     sorted_x = x[order // top_k]  # [T*k, H]
     sorted_out = _swiglu_grouped(sorted_x, gate_up[:num_routed], down[:num_routed], tokens_per_expert)
+    sorted_out = sorted_out * expert_weights.reshape(-1)[order, None].to(sorted_out.dtype)
     pair_out = torch.empty_like(sorted_out).index_copy_(0, order, sorted_out)  # back to (token, slot) order
-    pair_weights = expert_weights.reshape(T, top_k, 1).to(accumulate_dtype)
     # A fixed-order sum over each token's k rows: deterministic, no atomics.
-    out = (pair_out.view(T, top_k, H).to(accumulate_dtype) * pair_weights).sum(dim=1)
+    out = pair_out.view(T, top_k, H).sum(dim=1, dtype=accumulate_dtype)
 
     for shared in range(num_routed, gate_up.shape[0]):
         out = out + _swiglu(x, gate_up[shared], down[shared]).to(accumulate_dtype)
