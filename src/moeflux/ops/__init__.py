@@ -2,6 +2,7 @@
 its Triton kernel."""
 
 from moeflux.ops.experts import run_experts
+from moeflux.ops.flash_expert import flash_expert
 from moeflux.ops.routing import Routing, route
 
-__all__ = ["Routing", "route", "run_experts"]
+__all__ = ["Routing", "flash_expert", "route", "run_experts"]
