@@ -1,8 +1,8 @@
 """Backend selection: the one place that decides which implementation runs.
 
 * ``"torch"``: plain PyTorch (CPU and GPU, any float dtype, autograd everywhere).
-* ``"triton"``: moeflux's Triton kernels where one exists (today: routing), PyTorch for the
-  rest. Needs a CUDA device, or ``TRITON_INTERPRET=1`` on the CPU (how CI tests kernels).
+* ``"triton"``: moeflux's Triton kernels (routing; the experts' grouped GEMMs in inference).
+  Needs a CUDA device, or ``TRITON_INTERPRET=1`` on the CPU (how CI tests kernels).
 * ``"auto"``: ``"triton"`` on CUDA tensors when Triton imports, else ``"torch"``.
 """
 
@@ -39,3 +39,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 "the kernels on the CPU through Triton's interpreter"
             )
     return backend
+
+
+def experts_backend(backend: str, needs_grad: bool) -> str:
+    """The backend of the expert GEMMs: the Triton experts path is forward-only for now, so
+    when autograd needs gradients through the experts they run on PyTorch."""
+    return "torch" if needs_grad else backend

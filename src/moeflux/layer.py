@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeflux.backends import resolve_backend
+from moeflux.backends import experts_backend, resolve_backend
 from moeflux.config import MoEConfig
 from moeflux.losses import load_balancing_loss, router_z_loss
 from moeflux.ops.experts import run_experts
@@ -79,7 +79,12 @@ def moe(
     x_tokens = x.reshape(-1, x.shape[-1])
     logits = F.linear(x_tokens, weights.router)
     routing = route(logits, top_k, normalize=normalize_topk, backend=backend)
-    out = run_experts(x_tokens, routing.expert_ids, routing.expert_weights, weights, backend=backend)
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (x, weights.router, weights.gate_up, weights.down)
+    )
+    out = run_experts(
+        x_tokens, routing.expert_ids, routing.expert_weights, weights, backend=experts_backend(backend, needs_grad)
+    )
     aux = MoEAux(
         router_probs=routing.router_probs,
         expert_ids=routing.expert_ids,

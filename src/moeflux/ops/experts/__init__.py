@@ -1,7 +1,7 @@
 """Routed + shared SwiGLU experts, combined per token by the router weights.
 
 ``run_experts`` is the one entry point; the plain-PyTorch path lives in
-:mod:`moeflux.ops.experts.naive`.
+:mod:`moeflux.ops.experts.naive`, the Triton path in :mod:`moeflux.ops.experts.triton`.
 """
 
 from __future__ import annotations
@@ -27,11 +27,16 @@ def run_experts(
         expert_ids: ``[T, k]`` int64 routed expert ids in ``[0, E)``.
         expert_weights: ``[T, k]`` their weights (float32).
         weights: packed layer weights; experts ``E..E+S-1`` are the shared slices.
-        backend: ``"torch"`` (the Triton path arrives with the grouped matmul).
+        backend: ``"torch"`` or ``"triton"`` (grouped GEMMs with fused gather, SwiGLU,
+            routing weight and scatter; see :mod:`moeflux.ops.experts.triton`).
 
     Returns:
         ``[T, H]`` in ``x.dtype``.
     """
-    if backend in ("torch", "triton"):
+    if backend == "torch":
         return experts_torch(x, expert_ids, expert_weights, weights.gate_up, weights.down, weights.num_experts)
+    if backend == "triton":
+        from moeflux.ops.experts.triton import experts_triton
+
+        return experts_triton(x, expert_ids, expert_weights, weights.gate_up, weights.down, weights.num_experts)
     raise ValueError(f"unknown experts backend {backend!r}")

@@ -1,0 +1,122 @@
+"""Triton experts: dispatch plan -> gathered gate|up GEMM with fused SwiGLU -> down GEMM scaled
+by the routing weight and scattered to pair order -> fixed-order sum of each token's rows.
+
+Shared experts ride along as ``S`` extra slots per token (experts ``E .. E+S-1``, weight 1),
+so one pair of grouped GEMM launches covers routed and shared work. The combine sums each
+token's ``k' = k + S`` rows in slot order in float32: deterministic, no float atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moeflux.ops.dispatch import build_dispatch_plan
+from moeflux.ops.grouped_matmul import GroupedMatmulConfig, grouped_matmul, select_config
+
+
+@triton.jit
+def _combine_kernel(
+    pair_out_ptr,  # [T, TOP_K, H]
+    out_ptr,  # [T, H]
+    T,
+    H,
+    stride_pair_t,
+    stride_pair_j,
+    stride_out_t,
+    TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    o_t = i_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    m_th = (o_t < T)[:, None] & (o_h < H)[None, :]
+    p_pair = pair_out_ptr + o_t[:, None].to(tl.int64) * stride_pair_t + o_h[None, :]  # [BLOCK_T, BLOCK_H]
+    b_sum = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):  # slot order: the same sum on every run
+        b_sum += tl.load(p_pair + j * stride_pair_j, mask=m_th, other=0.0).to(tl.float32)
+    p_out = out_ptr + o_t[:, None].to(tl.int64) * stride_out_t + o_h[None, :]
+    tl.store(p_out, b_sum.to(out_ptr.dtype.element_ty), mask=m_th)
+
+
+def combine_pairs(pair_out: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_j pair_out[t, j]`` over ``pair_out [T, k', H]`` (last dim contiguous),
+    summed in slot order in float32 and returned in ``pair_out``'s dtype."""
+    T, top_k, H = pair_out.shape
+    out = torch.empty(T, H, device=pair_out.device, dtype=pair_out.dtype)
+    if T == 0 or H == 0:
+        return out
+    block_h = min(1024, triton.next_power_of_2(H))
+    block_t = max(1, 4096 // block_h)
+    grid = (triton.cdiv(T, block_t), triton.cdiv(H, block_h))
+    _combine_kernel[grid](
+        pair_out, out, T, H, pair_out.stride(0), pair_out.stride(1), out.stride(0),
+        TOP_K=top_k, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def experts_triton(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    num_routed: int,
+    *,
+    gate_up_config: GroupedMatmulConfig | None = None,
+    down_config: GroupedMatmulConfig | None = None,
+) -> torch.Tensor:
+    """``out[t] = sum_j w[t, j] * SwiGLU_{ids[t, j]}(x[t]) + sum_s SwiGLU_{E + s}(x[t])``, the
+    function of :func:`moeflux.ops.experts.naive.experts_torch`, with no host sync.
+
+    Args:
+        x: ``[T, H]`` tokens, float32 / float16 / bfloat16.
+        expert_ids: ``[T, k]`` integer routed expert ids in ``[0, num_routed)``.
+        expert_weights: ``[T, k]`` their weights (cast to float32).
+        gate_up: ``[E + S, H, 2D]`` packed gate|up weights, ``x``'s dtype.
+        down: ``[E + S, D, H]``.
+        num_routed: ``E``; experts ``E .. E+S-1`` are the shared slices.
+        gate_up_config, down_config: launch parameters of the two GEMMs (``select_config``
+            when omitted).
+
+    Returns:
+        ``[T, H]`` in ``x.dtype``. Each pair's down projection is rounded to ``x.dtype``
+        before the float32 sum, as in the torch path.
+    """
+    T, H = x.shape
+    num_experts, D = down.shape[0], down.shape[1]
+    num_shared = num_experts - num_routed
+    if expert_ids.dim() != 2 or expert_ids.shape[0] != T or expert_weights.shape != expert_ids.shape:
+        raise ValueError(
+            f"expected expert_ids and expert_weights [T={T}, k], got {list(expert_ids.shape)} and "
+            f"{list(expert_weights.shape)}"
+        )
+    if gate_up.shape != (num_experts, H, 2 * D) or num_shared < 0:
+        raise ValueError(
+            f"expected gate_up [E+S, {H}, 2D] and down [E+S, D, {H}] with E+S >= num_routed={num_routed}; "
+            f"got {list(gate_up.shape)} and {list(down.shape)}"
+        )
+    top_k = expert_ids.shape[1] + num_shared
+    num_pairs = T * top_k
+    if gate_up_config is None:
+        gate_up_config = select_config(num_pairs, 2 * D, H, x.dtype, num_experts=num_experts, swiglu=True)
+    if down_config is None:
+        down_config = select_config(num_pairs, H, D, x.dtype, num_experts=num_experts)
+
+    plan = build_dispatch_plan(
+        expert_ids, num_routed, num_shared_experts=num_shared, block_m=gate_up_config.block_m
+    )
+    pair_weights = expert_weights.to(torch.float32)
+    if num_shared > 0:
+        shared_weights = torch.ones(T, num_shared, device=x.device, dtype=torch.float32)
+        pair_weights = torch.cat([pair_weights, shared_weights], dim=1)
+    # [P, D] in sorted order: silu(x W_gate) * (x W_up) for every pair.
+    hidden = grouped_matmul(x, gate_up, plan, gather=True, swiglu=True, config=gate_up_config)
+    # [P, H] in pair order: w_pair * hidden W_down, ready for a per-token sum.
+    pair_out = grouped_matmul(
+        hidden, down, plan, row_scale=pair_weights.reshape(-1), scatter=True, config=down_config
+    )
+    return combine_pairs(pair_out.view(T, top_k, H))

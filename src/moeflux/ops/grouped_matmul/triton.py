@@ -1,0 +1,178 @@
+"""The grouped matmul kernel family: ``out[rows(e)] = in[gather(rows(e))] @ W[e]``.
+
+One kernel, four constexpr switches (``GATHER``, ``SWIGLU``, ``SCALE``, ``SCATTER``), so every
+variant shares one main loop. A program owns one ``[BLOCK_M, BLOCK_N]`` output tile: row tile
+``i_m`` of the plan's tile schedule (rows of a single expert) times column tile ``i_n``. The
+grid's M extent is the host-known bound ``max_tiles``; programs past the device-side tile
+count exit at once, so nothing is read back to the host.
+
+Rows are addressed with int64 offsets (``P * H`` passes 2^31 in large batches, e.g. 70k
+tokens x 4 slots x H = 8192). Loads in the K loop are unmasked in M and N: rows past the
+tile's end are redirected to the tile's first row and columns past ``N`` wrap around, both
+in bounds; their results are never stored. Only a ragged K tail needs a mask (``EVEN_K=False``).
+
+``DOT_IN_FP32`` is on only for bfloat16 in Triton's CPU interpreter, whose ``tl.dot`` (3.6)
+multiplies bfloat16 operands as their raw uint16 bits; upcasting first is exact (bf16
+products fit in fp32), so the interpreter computes what the GPU's bf16 MMA computes.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moeflux.ops.dispatch import DispatchPlan
+from moeflux.ops.grouped_matmul import GroupedMatmulConfig
+
+
+@triton.jit
+def _dot(b_a, b_b, b_acc, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    """``b_acc + b_a @ b_b`` (fp32 accumulator)."""
+    if DOT_IN_FP32:
+        return tl.dot(b_a.to(tl.float32), b_b.to(tl.float32), b_acc, input_precision=INPUT_PRECISION)
+    return tl.dot(b_a, b_b, b_acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _grouped_matmul_kernel(
+    x_ptr,  # [T, K] tokens (GATHER) or [P, K] sorted rows
+    weight_ptr,  # [E', K, N], or [E', K, 2N] gate|up (SWIGLU)
+    out_ptr,  # [P, N]: sorted order, or pair order (SCATTER)
+    row_scale_ptr,  # [P] float32, pair order (SCALE)
+    sorted_to_pair_ptr,  # [P] int32
+    expert_offsets_ptr,  # [E' + 1] int32
+    tile_expert_ptr,  # [max_tiles] int32
+    tile_row_start_ptr,  # [max_tiles] int32
+    num_tiles_ptr,  # [1] int32
+    N,
+    K,
+    max_tiles,
+    top_k,
+    stride_x_m,
+    stride_x_k,
+    stride_w_e,
+    stride_w_k,
+    stride_w_n,
+    stride_out_m,
+    stride_out_n,
+    GATHER: tl.constexpr,
+    SWIGLU: tl.constexpr,
+    SCALE: tl.constexpr,
+    SCATTER: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Swizzle: GROUP_M consecutive row tiles (mostly one expert) share each column block of
+    # W[e] while it is in L2, and each group's input rows are reused across all column tiles.
+    i_pid = tl.program_id(0)
+    num_n_tiles = tl.cdiv(N, BLOCK_N)
+    tiles_per_group = GROUP_M * num_n_tiles
+    first_m = (i_pid // tiles_per_group) * GROUP_M
+    group_size = tl.minimum(max_tiles - first_m, GROUP_M)
+    i_m = first_m + (i_pid % tiles_per_group) % group_size
+    i_n = (i_pid % tiles_per_group) // group_size
+    if i_m >= tl.load(num_tiles_ptr):
+        return
+
+    i_e = tl.load(tile_expert_ptr + i_m)
+    row_start = tl.load(tile_row_start_ptr + i_m)
+    row_end = tl.minimum(row_start + BLOCK_M, tl.load(expert_offsets_ptr + i_e + 1))
+    o_r = row_start + tl.arange(0, BLOCK_M)  # [BLOCK_M] sorted rows
+    m_r = o_r < row_end
+    o_r = tl.where(m_r, o_r, row_start)  # rows past the tile's end re-read its first row
+    if GATHER or SCALE or SCATTER:
+        o_pair = tl.load(sorted_to_pair_ptr + o_r)  # [BLOCK_M]
+    if GATHER:
+        o_x = o_pair // top_k
+    else:
+        o_x = o_r
+
+    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    m_n = o_n < N
+    o_w_n = o_n % N  # columns past N wrap around: in bounds, never stored
+    o_k = tl.arange(0, BLOCK_K)
+    p_x = x_ptr + o_x[:, None].to(tl.int64) * stride_x_m + o_k[None, :] * stride_x_k  # [BLOCK_M, BLOCK_K]
+    p_w = weight_ptr + i_e.to(tl.int64) * stride_w_e + o_k[:, None] * stride_w_k + o_w_n[None, :] * stride_w_n
+    b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWIGLU:
+        b_acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        if EVEN_K:
+            b_x = tl.load(p_x)  # [BLOCK_M, BLOCK_K]
+            b_w = tl.load(p_w)  # [BLOCK_K, BLOCK_N]
+        else:
+            m_k = o_k < K - k_start
+            b_x = tl.load(p_x, mask=m_k[None, :], other=0.0)
+            b_w = tl.load(p_w, mask=m_k[:, None], other=0.0)
+        b_acc = _dot(b_x, b_w, b_acc, INPUT_PRECISION, DOT_IN_FP32)
+        if SWIGLU:
+            # The up half sits N columns to the right of the gate half in the packed weight.
+            if EVEN_K:
+                b_w_up = tl.load(p_w + N * stride_w_n)
+            else:
+                b_w_up = tl.load(p_w + N * stride_w_n, mask=m_k[:, None], other=0.0)
+            b_acc_up = _dot(b_x, b_w_up, b_acc_up, INPUT_PRECISION, DOT_IN_FP32)
+        p_x += BLOCK_K * stride_x_k
+        p_w += BLOCK_K * stride_w_k
+
+    if SWIGLU:
+        b_acc = b_acc * tl.sigmoid(b_acc) * b_acc_up  # silu(gate) * up, in fp32
+    if SCALE:
+        b_acc = b_acc * tl.load(row_scale_ptr + o_pair)[:, None]
+    if SCATTER:
+        o_out = o_pair
+    else:
+        o_out = o_r
+    p_out = out_ptr + o_out[:, None].to(tl.int64) * stride_out_m + o_n[None, :] * stride_out_n
+    tl.store(p_out, b_acc.to(out_ptr.dtype.element_ty), mask=m_r[:, None] & m_n[None, :])
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """float32 inputs follow torch's matmul TF32 switch, so results agree with ``x @ W``."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def grouped_matmul_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    plan: DispatchPlan,
+    *,
+    gather: bool,
+    swiglu: bool,
+    row_scale: torch.Tensor | None,
+    scatter: bool,
+    config: GroupedMatmulConfig,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Launch the kernel (arguments checked by :func:`moeflux.ops.grouped_matmul.grouped_matmul`)."""
+    K = x.shape[1]
+    N = weight.shape[2] // 2 if swiglu else weight.shape[2]
+    if out is None:
+        out = torch.empty(plan.num_pairs, N, device=x.device, dtype=x.dtype)
+    plan = plan.with_block_m(config.block_m)
+    if plan.max_tiles == 0 or N == 0:
+        return out
+    sorted_to_pair = plan.sorted_to_pair
+    scale = row_scale is not None
+    row_scale = sorted_to_pair if row_scale is None else row_scale.contiguous()  # unused when SCALE is off
+    grid = (plan.max_tiles * triton.cdiv(N, config.block_n),)
+    _grouped_matmul_kernel[grid](
+        x, weight, out, row_scale, sorted_to_pair,
+        plan.expert_offsets, plan.tile_expert, plan.tile_row_start, plan.num_tiles,
+        N, K, plan.max_tiles, plan.top_k,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2), out.stride(0), out.stride(1),
+        GATHER=gather, SWIGLU=swiglu, SCALE=scale, SCATTER=scatter,
+        EVEN_K=K % config.block_k == 0, INPUT_PRECISION=_input_precision(x.dtype),
+        DOT_IN_FP32=x.device.type == "cpu" and x.dtype == torch.bfloat16,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return out

@@ -1,0 +1,166 @@
+"""The grouped matmul kernel against the per-expert torch loop, for every epilogue combination.
+
+Run on the CPU through Triton's interpreter: ``TRITON_INTERPRET=1``. Shapes are tiny and
+blocks forced to 16 so that each launch has several tiles, ragged M/N/K tails and
+several swizzle groups. Outputs are filled with NaN before launch: a row or column the
+kernel fails to write shows up as NaN.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+
+import pytest
+import torch
+
+from moeflux.ops.dispatch import build_dispatch_plan
+from moeflux.ops.grouped_matmul import (
+    GroupedMatmulConfig,
+    grouped_matmul,
+    moe_matmul_ogs,
+    moe_matmul_ogs_top1,
+    select_config,
+)
+
+# Triton 3.6's interpreter turns a runtime loop bound into a 1-element array (NumPy 1.25+ warns).
+# tests/conftest.py switches the interpreter on when there is no GPU; it runs on CPU tensors.
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+SMALL = GroupedMatmulConfig(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=4, num_stages=2)
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.double(), expected.double()
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def make_problem(T, k, E, S, K, N, dtype, *, swiglu=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    expert_ids = torch.stack([torch.randperm(E, generator=generator)[:k] for _ in range(T)])
+    plan = build_dispatch_plan(expert_ids.to(DEVICE), E, num_shared_experts=S, block_m=SMALL.block_m)
+    width = 2 * N if swiglu else N
+    tokens = torch.randn(T, K, generator=generator).to(DEVICE, dtype)
+    sorted_rows = torch.randn(plan.num_pairs, K, generator=generator).to(DEVICE, dtype)
+    weight = (torch.randn(E + S, K, width, generator=generator) / math.sqrt(K)).to(DEVICE, dtype)
+    row_scale = torch.rand(plan.num_pairs, generator=generator).to(DEVICE)
+    return plan, tokens, sorted_rows, weight, row_scale
+
+
+def run_both(x, weight, plan, config=SMALL, **epilogue):
+    width = weight.shape[2] // 2 if epilogue.get("swiglu") else weight.shape[2]
+    out = torch.full((plan.num_pairs, width), float("nan"), device=x.device, dtype=x.dtype)
+    result = grouped_matmul(x, weight, plan, config=config, out=out, **epilogue)
+    assert result is out
+    expected = grouped_matmul(x, weight, plan, backend="torch", **epilogue)
+    assert not out.isnan().any(), "the kernel left output elements unwritten"
+    return out, expected
+
+
+# T=13 tokens, k=2 of E=4 plus S=1 shared -> P=39 sorted rows over 5 experts: partial tiles of
+# 16 rows; K=40 and N=24 are not multiples of 16 (ragged K mask, wrapped N columns).
+@pytest.mark.parametrize(
+    "gather, swiglu, scale, scatter", list(itertools.product([False, True], repeat=4)),
+    ids=lambda flag: "on" if flag else "off",
+)  # fmt: skip
+def test_epilogues_fp32(gather, swiglu, scale, scatter):
+    plan, tokens, sorted_rows, weight, row_scale = make_problem(13, 2, 4, 1, 40, 24, torch.float32, swiglu=swiglu)
+    x = tokens if gather else sorted_rows
+    out, expected = run_both(
+        x, weight, plan, gather=gather, swiglu=swiglu, row_scale=row_scale if scale else None, scatter=scatter
+    )
+    assert rel_l2(out, expected) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layer", ["gate_up", "down"])
+def test_half_precision(dtype, layer):
+    # The two GEMMs of the experts path: gathered tokens with SwiGLU; sorted rows scaled and scattered.
+    swiglu = layer == "gate_up"
+    plan, tokens, sorted_rows, weight, row_scale = make_problem(13, 2, 4, 1, 48, 32, dtype, swiglu=swiglu, seed=1)
+    if swiglu:
+        out, expected = run_both(tokens, weight, plan, gather=True, swiglu=True)
+    else:
+        out, expected = run_both(sorted_rows, weight, plan, row_scale=row_scale, scatter=True)
+    assert rel_l2(out, expected) < TOLERANCE[dtype]
+
+
+def test_strided_inputs_and_other_blocks():
+    # x a column slice of a wider tensor, W stored [E', N, K] and transposed (stride_w_n != 1),
+    # block_m=32 != the plan's 16 (re-tiled), group_m=3 (a partial last swizzle group).
+    plan, tokens, _, weight, row_scale = make_problem(21, 3, 5, 2, 32, 48, torch.float32, swiglu=True, seed=2)
+    wide = torch.randn(tokens.shape[0], 80, device=DEVICE)
+    wide[:, 8:40] = tokens
+    x = wide[:, 8:40]
+    weight_t = weight.transpose(1, 2).contiguous().transpose(1, 2)
+    config = GroupedMatmulConfig(block_m=32, block_n=32, block_k=16, group_m=3, num_warps=4, num_stages=2)
+    out, expected = run_both(x, weight_t, plan, config, gather=True, swiglu=True, row_scale=row_scale, scatter=True)
+    assert rel_l2(out, expected) < 1e-6
+
+
+def test_empty_experts_and_no_rows():
+    # Experts 1 and 3 of 4 receive nothing: no tiles, and their weights are never read (NaN).
+    generator = torch.Generator().manual_seed(3)
+    expert_ids = torch.tensor([0, 2])[torch.randint(0, 2, (17, 1), generator=generator)]
+    plan = build_dispatch_plan(expert_ids, 4, block_m=16)
+    weight = torch.randn(4, 24, 20, generator=generator)
+    weight[[1, 3]] = float("nan")
+    x = torch.randn(17, 24, generator=generator)
+    out, expected = run_both(x.to(DEVICE), weight.to(DEVICE), plan, gather=True, scatter=True)
+    assert rel_l2(out, expected) < 1e-6
+    # T = 0: nothing to launch, an empty result.
+    empty = build_dispatch_plan(torch.zeros(0, 2, dtype=torch.int64, device=DEVICE), 4, block_m=16)
+    result = grouped_matmul(torch.zeros(0, 24, device=DEVICE), weight.to(DEVICE), empty, gather=True, config=SMALL)
+    assert result.shape == (0, 20)
+
+
+def test_default_config():
+    # select_config's own choice (block sizes clipped to the tiny N and K) runs as well.
+    plan, tokens, _, weight, _ = make_problem(13, 2, 4, 1, 40, 24, torch.float16, swiglu=True, seed=4)
+    out = grouped_matmul(tokens, weight, plan, gather=True, swiglu=True)
+    expected = grouped_matmul(tokens, weight, plan, gather=True, swiglu=True, backend="torch")
+    assert rel_l2(out, expected) < TOLERANCE[torch.float16]
+
+
+def test_moe_matmul_ogs_matches_torch():
+    # Helion's contract: counts, offsets and sorted -> original token index from a top-1 choice.
+    # E=6 with experts 1 and 4 unused; T=35 gives ragged tiles; K=24, N=40.
+    generator = torch.Generator().manual_seed(5)
+    T, K, N, E = 35, 24, 40, 6
+    A = torch.randn(T, K, generator=generator).to(DEVICE)
+    W = torch.randn(E, K, N, generator=generator).to(DEVICE)
+    top1 = torch.tensor([0, 2, 3, 5])[torch.randint(0, 4, (T,), generator=generator)].to(DEVICE)
+    counts = torch.bincount(top1, minlength=E)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    order = torch.argsort(top1, stable=True)
+    expected = torch.stack([A[t] @ W[top1[t]] for t in range(T)])
+    C = moe_matmul_ogs(A, W, counts, offsets, order, config=SMALL)
+    assert C.shape == (T, N) and rel_l2(C, expected) < 1e-6
+    assert rel_l2(moe_matmul_ogs_top1(A, W, top1, config=SMALL), expected) < 1e-6
+    # E = 1: a plain matmul.
+    assert rel_l2(moe_matmul_ogs_top1(A, W[:1], torch.zeros_like(top1), config=SMALL), A @ W[0]) < 1e-6
+
+
+def test_select_config_shapes():
+    # The benchmark shapes get tiles that tl.dot accepts and pipelines that fit an H100's 227 KiB.
+    for P, N, K, E, swiglu in [(10240, 4096, 7168, 33, True), (40960, 7168, 2048, 33, False),
+                               (256, 1536, 2048, 128, True), (576, 7168, 2048, 65, False)]:  # fmt: skip
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            config = select_config(P, N, K, dtype, num_experts=E, swiglu=swiglu)
+            assert config.block_m in (16, 32, 64, 128) and config.block_n >= 16 and config.block_k >= 16
+            element_size = torch.empty((), dtype=dtype).element_size()
+            weight_blocks = 2 if swiglu else 1
+            stage = (config.block_m * config.block_k + weight_blocks * config.block_k * config.block_n) * element_size
+            assert 2 <= config.num_stages and stage * config.num_stages <= 227 * 1024
+    assert select_config(256, 1536, 2048, torch.float16, num_experts=128, swiglu=True).block_m == 16  # decode
+
+
+def test_rejects_mismatched_arguments():
+    plan, tokens, sorted_rows, weight, _ = make_problem(5, 2, 3, 0, 16, 16, torch.float32)
+    with pytest.raises(ValueError):
+        grouped_matmul(sorted_rows, weight, plan, gather=True)  # gather reads T token rows, not P
+    with pytest.raises(TypeError):
+        grouped_matmul(sorted_rows, weight.half(), plan)
+    with pytest.raises(ValueError):
+        grouped_matmul(sorted_rows, weight, plan, row_scale=torch.ones(plan.num_pairs, dtype=torch.float16))
