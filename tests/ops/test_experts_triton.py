@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from moeflux.config import MoEConfig
+from moeflux.expert_tables import ExpertTables
 from moeflux.ops.experts.naive import experts_torch
-from moeflux.ops.experts.triton import combine_pairs, experts_triton
+from moeflux.ops.experts.triton import combine_pairs, experts_triton, experts_triton_tables
 from moeflux.ops.grouped_matmul import GroupedMatmulConfig
 from moeflux.weights import MoEWeights
 
@@ -98,6 +99,19 @@ def test_default_configs_and_strided_input():
     out = experts_triton(strided, expert_ids, expert_weights, gate_up, down, E, gate_up_config=SMALL,
                          down_config=other_block_m)  # fmt: skip
     assert rel_l2(out, expected) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_separate_per_expert_weights_match_the_packed_path(dtype):
+    # The competition's layout (a tensor per expert and projection, a shared expert of width
+    # D*S = 2D) read in place gives the packed layout's output bit for bit.
+    x, expert_ids, expert_weights, gate_up, down, E = make_inputs(11, 32, 16, 4, 2, 2, dtype, seed=9)
+    config = MoEConfig(hidden_size=32, expert_size=16, num_experts=E, top_k=2, num_shared_experts=2)
+    seed_weights = MoEWeights(torch.zeros(E, 32, device=DEVICE, dtype=dtype), gate_up, down).to_seed_weights()
+    experts = ExpertTables.from_seed_weights(seed_weights, config, dtype=dtype, device=DEVICE)
+    out = experts_triton_tables(x, expert_ids, expert_weights, experts, gate_up_config=SMALL, down_config=SMALL)
+    packed = experts_triton(x, expert_ids, expert_weights, gate_up, down, E, gate_up_config=SMALL, down_config=SMALL)
+    assert torch.equal(out, packed)
 
 
 def test_combine_sums_slots_in_order():

@@ -18,6 +18,7 @@ import torch
 from moeflux.ops.dispatch import build_dispatch_plan
 from moeflux.ops.grouped_matmul import (
     GroupedMatmulConfig,
+    WeightTable,
     grouped_matmul,
     moe_matmul_ogs,
     moe_matmul_ogs_top1,
@@ -97,6 +98,81 @@ def test_strided_inputs_and_other_blocks():
     config = GroupedMatmulConfig(block_m=32, block_n=32, block_k=16, group_m=3, num_warps=4, num_stages=2)
     out, expected = run_both(x, weight_t, plan, config, gather=True, swiglu=True, row_scale=row_scale, scatter=True)
     assert rel_l2(out, expected) < 1e-6
+
+
+def separate_matrices(weight, *, swiglu, num_wide, column_major=False):
+    """``weight``'s experts as separate tensors, as the competition passes them: each of the first
+    ``E' - num_wide`` experts in tensors of its own, the last ``num_wide`` as blocks of one wider
+    tensor (like the slices of a shared expert), whose leading stride is ``num_wide`` times larger:
+    column blocks of ``[K, num_wide * N]``, or row blocks of a column-major ``[num_wide * K, N]``."""
+    halves = weight.chunk(2, dim=2) if swiglu else (weight,)
+    num_own, K, N = weight.shape[0] - num_wide, weight.shape[1], halves[0].shape[2]
+
+    def stored(matrix):
+        return matrix.t().contiguous().t() if column_major else matrix.contiguous()
+
+    matrices = [tuple(stored(half[e]) for half in halves) for e in range(num_own)]
+    if column_major:
+        blocks = [stored(torch.cat(list(half[num_own:]), dim=0)).split(K, dim=0) for half in halves]
+    else:
+        blocks = [torch.cat(list(half[num_own:]), dim=1).split(N, dim=1) for half in halves]
+    return matrices + list(zip(*blocks))
+
+
+@pytest.mark.parametrize(
+    "layer, dtype, column_major",
+    [(layer, dtype, False) for layer in ("gate_up", "down") for dtype in (torch.float32, torch.float16)]
+    + [("gate_up", torch.float32, True), ("down", torch.float32, True)],
+)  # fmt: skip
+def test_table_of_separate_tensors_matches_the_stacked_weight(layer, dtype, column_major):
+    # The same kernel reading W[e] in place from separate tensors: bit for bit the stacked result.
+    # S=2 blocks of a wider tensor have twice the leading stride of the other experts.
+    swiglu = layer == "gate_up"
+    plan, tokens, sorted_rows, weight, row_scale = make_problem(13, 2, 4, 2, 40, 24, dtype, swiglu=swiglu, seed=6)
+    table = WeightTable.from_matrices(separate_matrices(weight, swiglu=swiglu, num_wide=2, column_major=column_major))
+    leading = 40 if column_major else 24
+    assert table.leading_strides.tolist() == [leading] * 4 + [2 * leading] * 2 and table.column_major == column_major
+    epilogue = dict(gather=True, swiglu=True) if swiglu else dict(row_scale=row_scale, scatter=True)
+    x = tokens if swiglu else sorted_rows
+    stacked, expected = run_both(x, weight, plan, **epilogue)
+    out = torch.full_like(stacked, float("nan"))
+    grouped_matmul(x, table, plan, config=SMALL, out=out, **epilogue)
+    assert not out.isnan().any(), "the kernel left output elements unwritten"
+    assert torch.equal(out, stacked)
+    assert rel_l2(out, expected) < TOLERANCE[dtype]
+
+
+def test_weight_table_fields():
+    # A stacked weight's table, built on its device: addresses, strides, alignment.
+    weight = torch.zeros(3, 16, 2 * 24, dtype=torch.float16, device=DEVICE)
+    table = WeightTable.from_stacked(weight, swiglu=True)
+    base, expert_bytes = weight.data_ptr(), 16 * 48 * 2
+    assert table.addresses.tolist() == [[base + e * expert_bytes for e in range(3)],
+                                        [base + e * expert_bytes + 24 * 2 for e in range(3)]]  # fmt: skip
+    assert table.leading_strides.tolist() == [48] * 3 and not table.column_major
+    assert (table.num_experts, table.rows, table.cols, table.dtype, table.align) == (3, 16, 24, torch.float16, 16)
+    transposed = WeightTable.from_stacked(weight.transpose(1, 2))  # [3, 48, 16], unit stride along K
+    assert transposed.column_major and transposed.leading_strides.tolist() == [48] * 3
+    # A view one element in is only 2-byte aligned, and the table says so (the kernel's hint).
+    assert WeightTable.from_stacked(weight[:, :, 1:25]).align == 2
+    assert WeightTable.from_matrices([(weight[0, :, 1:25],), (weight[1, :, :24],)]).align == 2
+    with pytest.raises(ValueError, match="unit stride"):
+        WeightTable.from_stacked(weight[:, ::2, ::2])
+
+
+def test_table_mismatches_are_rejected():
+    plan, tokens, _, weight, _ = make_problem(5, 2, 3, 0, 16, 16, torch.float32, swiglu=True)
+    gate_up = WeightTable.from_stacked(weight, swiglu=True)
+    with pytest.raises(ValueError, match="two matrices"):
+        grouped_matmul(tokens, gate_up, plan, gather=True)  # a gate|up table without swiglu
+    with pytest.raises(TypeError, match="WeightTable"):
+        grouped_matmul(tokens, gate_up, plan, gather=True, swiglu=True, backend="torch")
+    with pytest.raises(ValueError, match="strides"):  # gate and up of an expert share their strides
+        WeightTable.from_matrices([(weight[0, :, :16], weight[0, :, :16].contiguous())])
+    with pytest.raises(ValueError, match="unit stride along N"):  # one layout for every matrix
+        WeightTable.from_matrices([(weight[0, :, :16].contiguous(),), (weight[1, :, :16].t().contiguous().t(),)])
+    with pytest.raises(ValueError, match="expert 1"):
+        WeightTable.from_matrices([(weight[0],), (weight[1, :8],)])
 
 
 def test_empty_experts_and_no_rows():

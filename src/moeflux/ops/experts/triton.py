@@ -4,6 +4,10 @@ by the routing weight and scattered to pair order -> fixed-order sum of each tok
 Shared experts ride along as ``S`` extra slots per token (experts ``E .. E+S-1``, weight 1),
 so one pair of grouped GEMM launches covers routed and shared work. The combine sums each
 token's ``k' = k + S`` rows in slot order in float32: deterministic, no float atomics.
+
+The GEMMs read the weights through :class:`moeflux.expert_tables.ExpertTables`, so packed
+weights and the competition's separate per-expert tensors take the same kernels
+(:func:`experts_triton_tables`); :func:`experts_triton` takes the packed tensors.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from moeflux.expert_tables import ExpertTables
 from moeflux.ops.dispatch import build_dispatch_plan
 from moeflux.ops.grouped_matmul import GroupedMatmulConfig, grouped_matmul, select_config
 
@@ -69,16 +74,33 @@ def experts_triton(
     gate_up_config: GroupedMatmulConfig | None = None,
     down_config: GroupedMatmulConfig | None = None,
 ) -> torch.Tensor:
+    """:func:`experts_triton_tables` on packed weights: ``gate_up [E + S, H, 2D]`` (gate columns
+    ``[:D]``, up ``[D:]``), ``down [E + S, D, H]``, ``num_routed = E``; experts ``E .. E+S-1``
+    are the shared slices. Their tables are built on the device (no sync)."""
+    experts = ExpertTables.from_packed(gate_up, down, num_routed)
+    return experts_triton_tables(
+        x, expert_ids, expert_weights, experts, gate_up_config=gate_up_config, down_config=down_config
+    )
+
+
+def experts_triton_tables(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_weights: torch.Tensor,
+    experts: ExpertTables,
+    *,
+    gate_up_config: GroupedMatmulConfig | None = None,
+    down_config: GroupedMatmulConfig | None = None,
+) -> torch.Tensor:
     """``out[t] = sum_j w[t, j] * SwiGLU_{ids[t, j]}(x[t]) + sum_s SwiGLU_{E + s}(x[t])``, the
     function of :func:`moeflux.ops.experts.naive.experts_torch`, with no host sync.
 
     Args:
         x: ``[T, H]`` tokens, float32 / float16 / bfloat16.
-        expert_ids: ``[T, k]`` integer routed expert ids in ``[0, num_routed)``.
+        expert_ids: ``[T, k]`` integer routed expert ids in ``[0, E)``.
         expert_weights: ``[T, k]`` their weights (cast to float32).
-        gate_up: ``[E + S, H, 2D]`` packed gate|up weights, ``x``'s dtype.
-        down: ``[E + S, D, H]``.
-        num_routed: ``E``; experts ``E .. E+S-1`` are the shared slices.
+        experts: where the weights live (``x``'s dtype and device); experts ``E .. E+S-1``
+            are the shared slices.
         gate_up_config, down_config: launch parameters of the two GEMMs (``select_config``
             when omitted).
 
@@ -87,20 +109,17 @@ def experts_triton(
         before the float32 sum, as in the torch path.
     """
     T, H = x.shape
-    num_experts, D = down.shape[0], down.shape[1]
-    num_shared = num_experts - num_routed
+    D, num_routed, num_shared = experts.expert_size, experts.num_experts, experts.num_shared_experts
     if expert_ids.dim() != 2 or expert_ids.shape[0] != T or expert_weights.shape != expert_ids.shape:
         raise ValueError(
             f"expected expert_ids and expert_weights [T={T}, k], got {list(expert_ids.shape)} and "
             f"{list(expert_weights.shape)}"
         )
-    if gate_up.shape != (num_experts, H, 2 * D) or num_shared < 0:
-        raise ValueError(
-            f"expected gate_up [E+S, {H}, 2D] and down [E+S, D, {H}] with E+S >= num_routed={num_routed}; "
-            f"got {list(gate_up.shape)} and {list(down.shape)}"
-        )
+    if H != experts.hidden_size:
+        raise ValueError(f"x has hidden size {H} but the experts' weights expect {experts.hidden_size}")
     top_k = expert_ids.shape[1] + num_shared
     num_pairs = T * top_k
+    num_experts = num_routed + num_shared
     if gate_up_config is None:
         gate_up_config = select_config(num_pairs, 2 * D, H, x.dtype, num_experts=num_experts, swiglu=True)
     if down_config is None:
@@ -114,9 +133,9 @@ def experts_triton(
         shared_weights = torch.ones(T, num_shared, device=x.device, dtype=torch.float32)
         pair_weights = torch.cat([pair_weights, shared_weights], dim=1)
     # [P, D] in sorted order: silu(x W_gate) * (x W_up) for every pair.
-    hidden = grouped_matmul(x, gate_up, plan, gather=True, swiglu=True, config=gate_up_config)
+    hidden = grouped_matmul(x, experts.gate_up, plan, gather=True, swiglu=True, config=gate_up_config)
     # [P, H] in pair order: w_pair * hidden W_down, ready for a per-token sum.
     pair_out = grouped_matmul(
-        hidden, down, plan, row_scale=pair_weights.reshape(-1), scatter=True, config=down_config
+        hidden, experts.down, plan, row_scale=pair_weights.reshape(-1), scatter=True, config=down_config
     )
     return combine_pairs(pair_out.view(T, top_k, H))

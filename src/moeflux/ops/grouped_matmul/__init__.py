@@ -12,13 +12,20 @@
 * the row is written, in the input's dtype, to ``out[r]``, or to ``out[sorted_to_pair[r]]``
   (pair order) when ``scatter``.
 
+The kernel finds ``W[e]`` through a :class:`WeightTable` of per-expert addresses, so the
+matrices may be slices of one stacked tensor (a ``weight`` tensor is turned into its table on
+the fly) or separate tensors read in place (the competition's per-expert weights, see
+:mod:`moeflux.expert_tables`).
+
 ``moe_matmul_ogs`` / ``moe_matmul_ogs_top1`` expose the same kernel under the
 outer-gather-scatter contract of Helion's ``moe_matmul_ogs`` example (top-1 routing).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 
@@ -46,6 +53,150 @@ class GroupedMatmulConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+
+
+@dataclass(frozen=True, eq=False)
+class WeightTable:
+    """Where each expert's weight matrices live, so the grouped matmul reads them in place.
+
+    Expert ``e`` has ``M`` matrices of ``[K, N]``: ``W[e]`` (``M = 1``), or ``W_gate[e]`` and
+    ``W_up[e]`` of a SwiGLU GEMM (``M = 2``). Every matrix has unit stride along ``N``
+    (row-major), or along ``K`` (``column_major``: a transposed weight, as in a backward pass);
+    the other dimension's stride, the leading stride, is the expert's own. Element ``(k, n)``
+    of matrix ``m`` is at byte ``addresses[m, e] + (k * leading_strides[e] + n) * itemsize``
+    (``(k + n * leading_strides[e]) * itemsize`` when ``column_major``).
+
+    Attributes:
+        addresses: ``[M, E']`` int64 data pointers (bytes), on the weights' device.
+        leading_strides: ``[E']`` int64, in elements; an expert's matrices share it.
+        column_major: unit stride along ``K`` rather than ``N``, in every matrix.
+        rows: ``K``.
+        cols: ``N``.
+        dtype: the matrices' dtype.
+        align: the largest power of two up to 16 dividing every address and leading stride in
+            bytes. The kernel hands it to Triton, which knows nothing of a pointer or stride
+            loaded from memory and would otherwise not vectorise the weight loads.
+        tensors: the tensors the addresses point into, held so they outlive every launch that
+            reads the table.
+    """
+
+    addresses: torch.Tensor
+    leading_strides: torch.Tensor
+    column_major: bool
+    rows: int
+    cols: int
+    dtype: torch.dtype
+    align: int
+    tensors: tuple[torch.Tensor, ...] = field(repr=False)
+
+    @property
+    def num_experts(self) -> int:
+        return self.addresses.shape[1]
+
+    @property
+    def num_matrices(self) -> int:
+        return self.addresses.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.addresses.device
+
+    @classmethod
+    def from_stacked(cls, weight: torch.Tensor, *, swiglu: bool = False) -> "WeightTable":
+        """The table of a stacked ``[E', K, N]`` weight, or ``[E', K, 2N]`` gate|up when ``swiglu``
+        (unit stride along ``K`` or ``N``).
+
+        Built on the weight's device from its data pointer and strides alone: two or three
+        tiny launches, no host sync, so it can be captured in a CUDA graph.
+        """
+        if weight.dim() != 3 or (swiglu and weight.shape[2] % 2 != 0):
+            raise ValueError(
+                f"expected a stacked weight [E', K, N] (even N for a gate|up swiglu weight), got {list(weight.shape)}"
+            )
+        num_experts, rows, width = weight.shape
+        cols = width // 2 if swiglu else width
+        column_major, leading = _layout(rows, cols, weight.stride(1), weight.stride(2))
+        itemsize = weight.element_size()
+        step = weight.stride(0) * itemsize
+        # The up half starts N columns to the right of the gate half.
+        first = [weight.data_ptr()] + ([weight.data_ptr() + cols * weight.stride(2) * itemsize] if swiglu else [])
+        table = torch.empty(len(first) + 1, num_experts, device=weight.device, dtype=torch.int64)
+        for row, address in zip(table, first):
+            if step == 0:  # one matrix broadcast to every expert
+                row.fill_(address)
+            else:
+                torch.arange(address, address + num_experts * step, step, out=row)
+        table[-1].fill_(leading)
+        return cls(
+            addresses=table[:-1], leading_strides=table[-1], column_major=column_major, rows=rows, cols=cols,
+            dtype=weight.dtype, align=_alignment([*first, step, leading * itemsize]), tensors=(weight,),
+        )  # fmt: skip
+
+    @classmethod
+    def from_matrices(cls, matrices: Sequence[Sequence[torch.Tensor]]) -> "WeightTable":
+        """The table of separate ``[K, N]`` matrices, read in place: ``matrices[e]`` is expert
+        ``e``'s ``(W,)`` or ``(W_gate, W_up)``, each any 2-D view.
+
+        All matrices must share shape, dtype, device and unit-stride dimension, and an
+        expert's matrices their strides. The addresses are gathered on the host and copied to
+        the device: one small copy from pinned memory, asynchronous (not capturable in a CUDA graph).
+        """
+        if not matrices or not matrices[0]:
+            raise ValueError("from_matrices needs at least one expert with at least one matrix")
+        first = matrices[0][0]
+        if first.dim() != 2:
+            raise ValueError(f"matrices must be 2-D [K, N], got {list(first.shape)}")
+        num_matrices, (rows, cols) = len(matrices[0]), first.shape
+        shape, dtype, device = first.shape, first.dtype, first.device
+        column_major = _layout(rows, cols, *first.stride())[0]
+        # Checks and gathering in one pass: this runs on every call of the competition's entry point.
+        addresses: list[list[int]] = [[] for _ in range(num_matrices)]
+        leading_strides = []
+        for e, expert in enumerate(matrices):
+            if len(expert) != num_matrices:
+                raise ValueError(f"expert {e} has {len(expert)} matrices, expert 0 has {num_matrices}")
+            strides = expert[0].stride()
+            expert_column_major, leading = _layout(rows, cols, *strides)
+            for m, matrix in enumerate(expert):
+                if (matrix.shape, matrix.stride(), matrix.dtype, matrix.device, expert_column_major) != (
+                    shape, strides, dtype, device, column_major
+                ):  # fmt: skip
+                    raise ValueError(
+                        f"matrix {m} of expert {e} is {matrix.dtype} {list(matrix.shape)} with strides "
+                        f"{matrix.stride()} on {matrix.device}; expected {dtype} {list(shape)} on {device}, unit "
+                        f"stride along {'K' if column_major else 'N'} as in every matrix and strides {strides} "
+                        "as in its expert's first"
+                    )
+                addresses[m].append(matrix.data_ptr())
+            leading_strides.append(leading)
+        host_table = torch.tensor([*addresses, leading_strides], dtype=torch.int64)
+        if first.is_cuda:
+            host_table = host_table.pin_memory()
+        table = host_table.to(device, non_blocking=True)
+        itemsize = first.element_size()
+        return cls(
+            addresses=table[:-1], leading_strides=table[-1], column_major=column_major, rows=rows, cols=cols,
+            dtype=dtype, align=_alignment([*sum(addresses, []), *(s * itemsize for s in leading_strides)]),
+            tensors=tuple(matrix for expert in matrices for matrix in expert),
+        )  # fmt: skip
+
+
+def _layout(rows: int, cols: int, stride_k: int, stride_n: int) -> tuple[bool, int]:
+    """``(column_major, leading stride)`` of a ``[K, N]`` matrix. A dimension of size 1 counts
+    as unit-stride: the kernel never steps along it."""
+    if stride_n == 1 or cols == 1:
+        return False, stride_k
+    if stride_k == 1 or rows == 1:
+        return True, stride_n
+    raise ValueError(
+        f"the grouped matmul reads weights with unit stride along K or N; got strides ({stride_k}, {stride_n}) "
+        "for a [K, N] matrix: pass .contiguous()"
+    )
+
+
+def _alignment(byte_values: Sequence[int]) -> int:
+    """The largest power of two up to 16 (the widest load, in bytes) dividing every value."""
+    return math.gcd(16, *byte_values)
 
 
 def select_config(
@@ -93,7 +244,7 @@ def _at_least_16(size: int) -> int:
 
 def grouped_matmul(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | WeightTable,
     plan: DispatchPlan,
     *,
     gather: bool = False,
@@ -109,7 +260,9 @@ def grouped_matmul(
     Args:
         x: ``[T, K]`` tokens when ``gather``, else ``[P, K]`` rows in sorted order;
             float32 / float16 / bfloat16, any strides.
-        weight: ``[E', K, N]``, or ``[E', K, 2N]`` packed gate|up when ``swiglu``; ``x``'s dtype.
+        weight: ``[E', K, N]``, or ``[E', K, 2N]`` packed gate|up when ``swiglu``, in ``x``'s
+            dtype; or (Triton only) a :class:`WeightTable` of ``E'`` experts with one ``[K, N]``
+            matrix each, two (gate, up) when ``swiglu``.
         plan: the dispatch plan (``P = plan.num_pairs``, ``E' = plan.num_experts``).
         gather: sorted row ``r`` reads ``x[sorted_to_pair[r] // k']``.
         swiglu: write ``silu(x @ W_gate) * (x @ W_up)`` (width ``N``).
@@ -126,14 +279,18 @@ def grouped_matmul(
     if backend == "triton":
         from moeflux.ops.grouped_matmul.triton import grouped_matmul_triton
 
+        table = weight if isinstance(weight, WeightTable) else WeightTable.from_stacked(weight, swiglu=swiglu)
         if config is None:
+            width = 2 * table.cols if swiglu else table.cols
             config = select_config(
-                plan.num_pairs, weight.shape[2], weight.shape[1], x.dtype, num_experts=plan.num_experts, swiglu=swiglu
+                plan.num_pairs, width, table.rows, x.dtype, num_experts=plan.num_experts, swiglu=swiglu
             )
         return grouped_matmul_triton(
-            x, weight, plan, gather=gather, swiglu=swiglu, row_scale=row_scale, scatter=scatter, config=config, out=out
+            x, table, plan, gather=gather, swiglu=swiglu, row_scale=row_scale, scatter=scatter, config=config, out=out
         )
     if backend == "torch":
+        if isinstance(weight, WeightTable):
+            raise TypeError("the torch backend reads a stacked weight tensor, not a WeightTable")
         from moeflux.ops.grouped_matmul.naive import grouped_matmul_torch
 
         result = grouped_matmul_torch(
@@ -203,7 +360,7 @@ def moe_matmul_ogs_top1(
 
 def _check_args(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | WeightTable,
     plan: DispatchPlan,
     *,
     gather: bool,
@@ -211,10 +368,21 @@ def _check_args(
     row_scale: torch.Tensor | None,
     out: torch.Tensor | None,
 ) -> None:
-    if x.dim() != 2 or weight.dim() != 3:
-        raise ValueError(
-            f"grouped_matmul expects x [rows, K] and weight [E', K, N]; got {list(x.shape)}, {list(weight.shape)}"
-        )
+    if isinstance(weight, WeightTable):
+        num_experts, K, width, num_matrices = weight.num_experts, weight.rows, weight.cols, weight.num_matrices
+        shape = f"a table of {num_experts} experts x {num_matrices} [{K}, {width}] matrices"
+    else:
+        shape = str(list(weight.shape))
+        if weight.dim() != 3:
+            raise ValueError(f"grouped_matmul expects weight [E', K, N], got {shape}")
+        if swiglu and weight.shape[2] % 2 != 0:
+            raise ValueError(f"swiglu needs a packed gate|up weight of even width, got {weight.shape[2]}")
+        num_experts, K, width = weight.shape
+        width, num_matrices = (width // 2, 2) if swiglu else (width, 1)
+    if x.dim() != 2:
+        raise ValueError(f"grouped_matmul expects x [rows, K], got {list(x.shape)}")
+    if num_matrices != (2 if swiglu else 1):
+        raise ValueError(f"swiglu reads two matrices per expert (gate, up), a plain GEMM one; got {shape}")
     if x.dtype != weight.dtype:
         raise TypeError(f"x is {x.dtype} but weight is {weight.dtype}; cast one to match")
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -223,15 +391,10 @@ def _check_args(
     if x.shape[0] != expected_rows:
         what = "tokens (gather)" if gather else "sorted rows"
         raise ValueError(f"x has {x.shape[0]} rows but the plan has {expected_rows} {what}")
-    if weight.shape[0] != plan.num_experts or weight.shape[1] != x.shape[1]:
-        raise ValueError(
-            f"weight {list(weight.shape)} does not match {plan.num_experts} experts and K={x.shape[1]}"
-        )
-    if swiglu and weight.shape[2] % 2 != 0:
-        raise ValueError(f"swiglu needs a packed gate|up weight of even width, got {weight.shape[2]}")
+    if num_experts != plan.num_experts or K != x.shape[1]:
+        raise ValueError(f"weight {shape} does not match {plan.num_experts} experts and K={x.shape[1]}")
     if row_scale is not None and (row_scale.shape != (plan.num_pairs,) or row_scale.dtype != torch.float32):
         raise ValueError(f"row_scale must be float32 [{plan.num_pairs}], got {row_scale.dtype} {list(row_scale.shape)}")
-    width = weight.shape[2] // 2 if swiglu else weight.shape[2]
     if out is not None and (out.shape != (plan.num_pairs, width) or out.dtype != x.dtype):
         raise ValueError(f"out must be {x.dtype} [{plan.num_pairs}, {width}], got {out.dtype} {list(out.shape)}")
     devices = {x.device, weight.device, plan.sorted_to_pair.device}

@@ -6,6 +6,16 @@ variant shares one main loop. A program owns one ``[BLOCK_M, BLOCK_N]`` output t
 grid's M extent is the host-known bound ``max_tiles``; programs past the device-side tile
 count exit at once, so nothing is read back to the host.
 
+The weights are read in place through a :class:`WeightTable`: expert ``e``'s matrix starts at
+the address ``w_addresses[e]`` (its up matrix, with ``SWIGLU``, at ``w_up_addresses[e]``), has
+unit stride along ``N`` (along ``K`` when ``W_COLUMN_MAJOR``) and the leading stride
+``w_leading_strides[e]`` along the other dimension, so one kernel serves a stacked weight
+tensor and separate per-expert tensors alike, for two or three scalar loads per tile. Triton
+sees no alignment in a pointer or stride loaded from memory, so the table's alignment
+(``W_ALIGN`` bytes) is declared with ``tl.multiple_of``: without it the weight loads would be
+split into 2-byte accesses (checked in sm_90 PTX). The unit stride is a constexpr for the same reason:
+Triton vectorises along a dimension it knows to be contiguous.
+
 Rows are addressed with int64 offsets (``P * H`` passes 2^31 in large batches, e.g. 70k
 tokens x 4 slots x H = 8192). Loads in the K loop are unmasked in M and N: rows past the
 tile's end are redirected to the tile's first row and columns past ``N`` wrap around, both
@@ -23,7 +33,7 @@ import triton
 import triton.language as tl
 
 from moeflux.ops.dispatch import DispatchPlan
-from moeflux.ops.grouped_matmul import GroupedMatmulConfig
+from moeflux.ops.grouped_matmul import GroupedMatmulConfig, WeightTable
 
 
 @triton.jit
@@ -37,7 +47,9 @@ def _dot(b_a, b_b, b_acc, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constex
 @triton.jit
 def _grouped_matmul_kernel(
     x_ptr,  # [T, K] tokens (GATHER) or [P, K] sorted rows
-    weight_ptr,  # [E', K, N], or [E', K, 2N] gate|up (SWIGLU)
+    w_addresses_ptr,  # [E'] int64: address of W[e] ([K, N]), or of W_gate[e] (SWIGLU)
+    w_up_addresses_ptr,  # [E'] int64: address of W_up[e] (SWIGLU)
+    w_leading_strides_ptr,  # [E'] int64: stride of W[e] (and W_up[e]) along K, or N (W_COLUMN_MAJOR)
     out_ptr,  # [P, N]: sorted order, or pair order (SCATTER)
     row_scale_ptr,  # [P] float32, pair order (SCALE)
     sorted_to_pair_ptr,  # [P] int32
@@ -51,9 +63,6 @@ def _grouped_matmul_kernel(
     top_k,
     stride_x_m,
     stride_x_k,
-    stride_w_e,
-    stride_w_k,
-    stride_w_n,
     stride_out_m,
     stride_out_n,
     GATHER: tl.constexpr,
@@ -61,6 +70,8 @@ def _grouped_matmul_kernel(
     SCALE: tl.constexpr,
     SCATTER: tl.constexpr,
     EVEN_K: tl.constexpr,
+    W_COLUMN_MAJOR: tl.constexpr,
+    W_ALIGN: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -98,7 +109,21 @@ def _grouped_matmul_kernel(
     o_w_n = o_n % N  # columns past N wrap around: in bounds, never stored
     o_k = tl.arange(0, BLOCK_K)
     p_x = x_ptr + o_x[:, None].to(tl.int64) * stride_x_m + o_k[None, :] * stride_x_k  # [BLOCK_M, BLOCK_K]
-    p_w = weight_ptr + i_e.to(tl.int64) * stride_w_e + o_k[:, None] * stride_w_k + o_w_n[None, :] * stride_w_n
+    # W[e] from the table, with the alignment Triton cannot see in loaded values (W_ALIGN bytes).
+    element_bytes: tl.constexpr = x_ptr.dtype.element_ty.primitive_bitwidth // 8
+    w_address = tl.load(w_addresses_ptr + i_e)
+    p_w_e = tl.multiple_of(w_address.to(tl.pointer_type(x_ptr.dtype.element_ty)), W_ALIGN)
+    w_leading_stride = tl.multiple_of(tl.load(w_leading_strides_ptr + i_e), W_ALIGN // element_bytes)
+    if W_COLUMN_MAJOR:
+        stride_w_k, stride_w_n = 1, w_leading_stride
+    else:
+        stride_w_k, stride_w_n = w_leading_stride, 1
+    p_w = p_w_e + o_k[:, None] * stride_w_k + o_w_n[None, :] * stride_w_n  # [BLOCK_K, BLOCK_N]
+    if SWIGLU:
+        # W_up[e] as an element offset from W_gate[e]: a scalar beside one pointer tile costs
+        # fewer registers than a second tile (the SwiGLU GEMM is at the register limit).
+        w_up_offset = (tl.load(w_up_addresses_ptr + i_e) - w_address) // element_bytes
+        w_up_offset = tl.multiple_of(w_up_offset, W_ALIGN // element_bytes)
     b_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if SWIGLU:
         b_acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -112,11 +137,10 @@ def _grouped_matmul_kernel(
             b_w = tl.load(p_w, mask=m_k[:, None], other=0.0)
         b_acc = _dot(b_x, b_w, b_acc, INPUT_PRECISION, DOT_IN_FP32)
         if SWIGLU:
-            # The up half sits N columns to the right of the gate half in the packed weight.
             if EVEN_K:
-                b_w_up = tl.load(p_w + N * stride_w_n)
+                b_w_up = tl.load(p_w + w_up_offset)
             else:
-                b_w_up = tl.load(p_w + N * stride_w_n, mask=m_k[:, None], other=0.0)
+                b_w_up = tl.load(p_w + w_up_offset, mask=m_k[:, None], other=0.0)
             b_acc_up = _dot(b_x, b_w_up, b_acc_up, INPUT_PRECISION, DOT_IN_FP32)
         p_x += BLOCK_K * stride_x_k
         p_w += BLOCK_K * stride_w_k
@@ -142,7 +166,7 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 def grouped_matmul_triton(
     x: torch.Tensor,
-    weight: torch.Tensor,
+    weight: WeightTable,
     plan: DispatchPlan,
     *,
     gather: bool,
@@ -153,8 +177,7 @@ def grouped_matmul_triton(
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the kernel (arguments checked by :func:`moeflux.ops.grouped_matmul.grouped_matmul`)."""
-    K = x.shape[1]
-    N = weight.shape[2] // 2 if swiglu else weight.shape[2]
+    K, N = x.shape[1], weight.cols
     if out is None:
         out = torch.empty(plan.num_pairs, N, device=x.device, dtype=x.dtype)
     plan = plan.with_block_m(config.block_m)
@@ -163,14 +186,17 @@ def grouped_matmul_triton(
     sorted_to_pair = plan.sorted_to_pair
     scale = row_scale is not None
     row_scale = sorted_to_pair if row_scale is None else row_scale.contiguous()  # unused when SCALE is off
+    up_addresses = weight.addresses[1] if swiglu else weight.addresses[0]  # unused without SWIGLU
     grid = (plan.max_tiles * triton.cdiv(N, config.block_n),)
+    # `weight` holds the tensors its addresses point into until the launch is queued; after
+    # that the stream orders any reuse of their memory behind the kernel.
     _grouped_matmul_kernel[grid](
-        x, weight, out, row_scale, sorted_to_pair,
+        x, weight.addresses[0], up_addresses, weight.leading_strides, out, row_scale, sorted_to_pair,
         plan.expert_offsets, plan.tile_expert, plan.tile_row_start, plan.num_tiles,
         N, K, plan.max_tiles, plan.top_k,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), weight.stride(2), out.stride(0), out.stride(1),
-        GATHER=gather, SWIGLU=swiglu, SCALE=scale, SCATTER=scatter,
-        EVEN_K=K % config.block_k == 0, INPUT_PRECISION=_input_precision(x.dtype),
+        x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        GATHER=gather, SWIGLU=swiglu, SCALE=scale, SCATTER=scatter, EVEN_K=K % config.block_k == 0,
+        W_COLUMN_MAJOR=weight.column_major, W_ALIGN=weight.align, INPUT_PRECISION=_input_precision(x.dtype),
         DOT_IN_FP32=x.device.type == "cpu" and x.dtype == torch.bfloat16,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
         num_warps=config.num_warps, num_stages=config.num_stages,
