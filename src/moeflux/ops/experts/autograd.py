@@ -1,0 +1,323 @@
+"""Autograd of the Triton experts path, and of the plain grouped matmul.
+
+Forward (``P = T k'`` pairs, ``k' = k + S``; sorted order = the plan's, pair order = ``t k' + j``)::
+
+    pre   = x[token(r)] @ W_gate_up[e]                 [P, 2D] sorted   (saved)
+    h     = silu(pre[:, :D]) * pre[:, D:]              [P, D]  sorted   (not saved)
+    y[p]  = w[p] * (h @ W_down[e])                     [P, H]  pair order
+    out   = sum_j y[t k' + j]                          [T, H]  fixed slot order, float32
+
+Backward, given ``dout [T, H]``, reusing the forward's plan (no second sort)::
+
+    g     = dout[token(r)] @ W_down[e]^T               [P, D]  sorted   (= dh / w)
+    dw[p] = <h[r], g[r]>                               [P]     pair order
+    dpre  = SwiGLU'(pre) * (w g)                       [P, 2D] sorted   (h recomputed from pre)
+    dW_down[e]    = sum_r w(r) h[r]^T dout[token(r)]   weight-gradient kernel
+    dW_gate_up[e] = sum_r x[token(r)]^T dpre[r]        weight-gradient kernel
+    dx[t] = sum_j (dpre @ W_gate_up[e]^T)[t k' + j]    grouped GEMM scattered to pair order + combine
+
+``dw`` uses ``dout[t] . (h W_down) = h . (dout W_down^T)``: the ``[P, H]`` unscaled down output
+is neither saved nor recomputed, since ``g`` is needed anyway for ``dh = w g``.
+
+Saved activations: the gate|up pre-activations rather than a second gate|up GEMM in the
+backward (that GEMM is 2/3 of the forward's FLOPs; its output is ``2D k'`` elements a token,
+``h`` being recomputed from it elementwise), the routing weights in pair order, and the
+plan. Per token, with ``b`` bytes per element: ``2 D k' b + 4 k'`` (weights) ``+ 8 k'``
+(``sorted_to_pair``, ``pair_to_sorted``) ``+ ~8 k' / block_m`` (tile schedule) bytes, e.g.
+41 KB for ``D = 2048, k' = 5`` in bfloat16. ``x`` and the weights are the caller's tensors,
+saved by reference. Not saved: the gathered input copy ``[P, H]``, ``h``, the down output
+``[P, H]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from moeflux.ops.dispatch import DispatchPlan, build_dispatch_plan
+from moeflux.ops.experts.triton import combine_pairs
+from moeflux.ops.grouped_matmul import GroupedMatmulConfig, grouped_matmul, select_config
+from moeflux.ops.grouped_matmul.weight_grad import WeightGradConfig, grouped_weight_grad
+
+
+def _gemm(x, weight, plan, config, *, gather=False, row_scale=None, scatter=False) -> torch.Tensor:
+    """The one call site of :func:`grouped_matmul` here: ``config`` chosen by ``select_config``
+    when ``None``, no SwiGLU epilogue (the backward needs the pre-activations)."""
+    if config is None:
+        config = select_config(plan.num_pairs, weight.shape[2], weight.shape[1], x.dtype, num_experts=plan.num_experts)
+    return grouped_matmul(x, weight, plan, gather=gather, row_scale=row_scale, scatter=scatter, config=config)
+
+
+def _elementwise_blocks(width: int) -> tuple[int, int]:
+    """``(BLOCK_R, BLOCK_D)``: up to 1024 columns, about 4096 elements a program."""
+    block_d = min(1024, triton.next_power_of_2(max(width, 1)))
+    return max(1, 4096 // block_d), block_d
+
+
+@triton.jit
+def _swiglu_kernel(
+    pre_ptr,  # [P, 2D] gate | up
+    h_ptr,  # [P, D]
+    P,
+    D,
+    stride_pre,
+    stride_h,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``h = silu(gate) * up``, in float32, rounded once."""
+    i_r, i_d = tl.program_id(0), tl.program_id(1)
+    o_r = (i_r * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    o_d = i_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    m_rd = (o_r < P)[:, None] & (o_d < D)[None, :]
+    p_gate = pre_ptr + o_r[:, None] * stride_pre + o_d[None, :]  # [BLOCK_R, BLOCK_D]
+    b_gate = tl.load(p_gate, mask=m_rd, other=0.0).to(tl.float32)
+    b_up = tl.load(p_gate + D, mask=m_rd, other=0.0).to(tl.float32)
+    b_h = b_gate * tl.sigmoid(b_gate) * b_up
+    tl.store(h_ptr + o_r[:, None] * stride_h + o_d[None, :], b_h.to(h_ptr.dtype.element_ty), mask=m_rd)
+
+
+@triton.jit
+def _swiglu_backward_kernel(
+    pre_ptr,  # [P, 2D] gate | up, sorted
+    g_h_ptr,  # [P, D] sorted: in g = dout W_down^T, out h (overwritten in place)
+    d_pre_ptr,  # [P, 2D] sorted
+    pair_weights_ptr,  # [P] float32, pair order
+    d_pair_weights_ptr,  # [P] float32, pair order
+    sorted_to_pair_ptr,  # [P] int32
+    P,
+    D,
+    stride_pre,
+    stride_g_h,
+    stride_d_pre,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``dw = <h, g>``; ``dh = w g``; ``dgate = dh up silu'(gate)``, ``dup = dh silu(gate)``,
+    ``silu'(z) = s(z) (1 + z (1 - s(z)))``; then ``h`` replaces ``g`` (its last reader)."""
+    i_r = tl.program_id(0)
+    o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] sorted rows
+    m_r = o_r < P
+    o_pair = tl.load(sorted_to_pair_ptr + o_r, mask=m_r, other=0)
+    b_w = tl.load(pair_weights_ptr + o_pair, mask=m_r, other=0.0)  # [BLOCK_R]
+    o_r = o_r.to(tl.int64)
+    b_dw = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for d_start in range(0, D, BLOCK_D):
+        o_d = d_start + tl.arange(0, BLOCK_D)
+        m_rd = m_r[:, None] & (o_d < D)[None, :]
+        p_gate = pre_ptr + o_r[:, None] * stride_pre + o_d[None, :]  # [BLOCK_R, BLOCK_D]
+        b_gate = tl.load(p_gate, mask=m_rd, other=0.0).to(tl.float32)
+        b_up = tl.load(p_gate + D, mask=m_rd, other=0.0).to(tl.float32)
+        p_g_h = g_h_ptr + o_r[:, None] * stride_g_h + o_d[None, :]
+        b_g = tl.load(p_g_h, mask=m_rd, other=0.0).to(tl.float32)
+        b_sigmoid = tl.sigmoid(b_gate)
+        b_silu = b_gate * b_sigmoid
+        # h rounded as the forward rounded it, so dw matches the h the down GEMM consumed.
+        b_h = (b_silu * b_up).to(g_h_ptr.dtype.element_ty)
+        b_dw += tl.sum(b_h.to(tl.float32) * b_g, axis=1)
+        b_dh = b_g * b_w[:, None]
+        b_d_gate = b_dh * b_up * b_sigmoid * (1.0 + b_gate * (1.0 - b_sigmoid))
+        p_d_gate = d_pre_ptr + o_r[:, None] * stride_d_pre + o_d[None, :]
+        tl.store(p_d_gate, b_d_gate.to(d_pre_ptr.dtype.element_ty), mask=m_rd)
+        tl.store(p_d_gate + D, (b_dh * b_silu).to(d_pre_ptr.dtype.element_ty), mask=m_rd)
+        tl.store(p_g_h, b_h, mask=m_rd)
+    tl.store(d_pair_weights_ptr + o_pair, b_dw, mask=m_r)
+
+
+def _swiglu(pre: torch.Tensor) -> torch.Tensor:
+    """``[P, 2D]`` gate|up -> ``[P, D]`` ``silu(gate) * up`` (rows contiguous in the last dim)."""
+    P, D = pre.shape[0], pre.shape[1] // 2
+    h = torch.empty(P, D, device=pre.device, dtype=pre.dtype)
+    if P == 0 or D == 0:
+        return h
+    block_r, block_d = _elementwise_blocks(D)
+    grid = (triton.cdiv(P, block_r), triton.cdiv(D, block_d))
+    _swiglu_kernel[grid](pre, h, P, D, pre.stride(0), h.stride(0), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+    return h
+
+
+def _swiglu_backward(
+    pre: torch.Tensor, g: torch.Tensor, pair_weights: torch.Tensor, plan: DispatchPlan
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dpre [P, 2D], dw [P] float32 pair order)``; overwrites ``g`` with ``h``."""
+    P, D = g.shape
+    d_pre = torch.empty_like(pre)
+    d_pair_weights = torch.empty(P, device=pre.device, dtype=torch.float32)
+    if P == 0:
+        return d_pre, d_pair_weights
+    block_r, block_d = _elementwise_blocks(D)
+    _swiglu_backward_kernel[(triton.cdiv(P, block_r),)](
+        pre, g, d_pre, pair_weights, d_pair_weights, plan.sorted_to_pair,
+        P, D, pre.stride(0), g.stride(0), d_pre.stride(0),
+        BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4,
+    )  # fmt: skip
+    return d_pre, d_pair_weights
+
+
+class ExpertsFunction(torch.autograd.Function):
+    """The experts of :func:`moeflux.ops.experts.triton.experts_triton` with a Triton backward
+    (see the module docstring). Differentiable in ``x``, ``expert_weights``, ``gate_up``, ``down``."""
+
+    @staticmethod
+    def forward(ctx, x, expert_ids, expert_weights, gate_up, down, num_routed, gemm_config, weight_grad_config):
+        T, H = x.shape
+        num_experts = down.shape[0]
+        num_shared = num_experts - num_routed
+        top_k = expert_ids.shape[1] + num_shared
+        D = down.shape[1]
+        # The plan is tiled for the first GEMM; the others re-tile it (a launch, not a sort).
+        first = gemm_config or select_config(T * top_k, 2 * D, H, x.dtype, num_experts=num_experts)
+        plan = build_dispatch_plan(expert_ids, num_routed, num_shared_experts=num_shared, block_m=first.block_m)
+        pair_weights = expert_weights.to(torch.float32)
+        if num_shared > 0:
+            shared_weights = torch.ones(T, num_shared, device=x.device, dtype=torch.float32)
+            pair_weights = torch.cat([pair_weights, shared_weights], dim=1)
+        pair_weights = pair_weights.reshape(-1).contiguous()  # [P]
+        pre = _gemm(x, gate_up, plan, gemm_config, gather=True)  # [P, 2D] sorted
+        hidden = _swiglu(pre)  # [P, D] sorted
+        pair_out = _gemm(hidden, down, plan, gemm_config, row_scale=pair_weights, scatter=True)  # [P, H] pair order
+        del hidden
+        out = combine_pairs(pair_out.view(T, top_k, H))
+
+        ctx.save_for_backward(x, gate_up, down, pre, pair_weights)
+        ctx.plan = plan
+        ctx.routed_k = expert_ids.shape[1]
+        ctx.expert_weights_dtype = expert_weights.dtype
+        ctx.configs = (gemm_config, weight_grad_config)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out):
+        x, gate_up, down, pre, pair_weights = ctx.saved_tensors
+        plan: DispatchPlan = ctx.plan
+        gemm_config, weight_grad_config = ctx.configs
+        T, H = x.shape
+        needs_x, _, needs_weights, needs_gate_up, needs_down = ctx.needs_input_grad[:5]
+        d_out = d_out.to(x.dtype)
+
+        # [P, D] sorted: g = dout[token(r)] @ W_down[e]^T (the forward's gather, transposed weight),
+        # which _swiglu_backward, its last reader, overwrites with h.
+        g_then_h = _gemm(d_out, down.transpose(1, 2), plan, gemm_config, gather=True)
+        d_pre, d_pair_weights = _swiglu_backward(pre, g_then_h, pair_weights, plan)
+        d_down = None
+        if needs_down:
+            d_down = grouped_weight_grad(
+                g_then_h, d_out, plan, b_rows="tokens", row_scale=pair_weights, config=weight_grad_config
+            )
+        del g_then_h
+        d_gate_up = None
+        if needs_gate_up:
+            d_gate_up = grouped_weight_grad(x, d_pre, plan, a_rows="tokens", config=weight_grad_config)
+        d_x = None
+        if needs_x:
+            d_x_pairs = _gemm(d_pre, gate_up.transpose(1, 2), plan, gemm_config, scatter=True)  # [P, H] pair order
+            del d_pre
+            d_x = combine_pairs(d_x_pairs.view(T, plan.top_k, H))
+        d_weights = None
+        if needs_weights:
+            d_weights = d_pair_weights.view(T, plan.top_k)[:, : ctx.routed_k].to(ctx.expert_weights_dtype)
+        return d_x, None, d_weights, d_gate_up, d_down, None, None, None
+
+
+def experts_autograd(
+    x: torch.Tensor,
+    expert_ids: torch.Tensor,
+    expert_weights: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    num_routed: int,
+    *,
+    gemm_config: GroupedMatmulConfig | None = None,
+    weight_grad_config: WeightGradConfig | None = None,
+) -> torch.Tensor:
+    """``out[t] = sum_j w[t, j] SwiGLU_{ids[t, j]}(x[t]) + sum_s SwiGLU_{E + s}(x[t])``,
+    differentiable in ``x``, ``expert_weights``, ``gate_up`` and ``down``, no host sync.
+
+    Args:
+        x: ``[T, H]`` tokens, float32 / float16 / bfloat16, any strides.
+        expert_ids: ``[T, k]`` integer routed expert ids in ``[0, num_routed)``.
+        expert_weights: ``[T, k]`` their weights (computed in float32; the gradient comes
+            back in their dtype).
+        gate_up: ``[E + S, H, 2D]`` packed gate|up weights in ``x``'s dtype.
+        down: ``[E + S, D, H]``.
+        num_routed: ``E``; experts ``E .. E+S-1`` are the shared slices (weight 1).
+        gemm_config: launch parameters of all four grouped GEMMs (``select_config`` per GEMM
+            when omitted); tests pass small blocks.
+        weight_grad_config: launch parameters of the two weight-gradient launches
+            (:func:`moeflux.ops.grouped_matmul.weight_grad.select_weight_grad_config` when omitted).
+
+    Returns:
+        ``[T, H]`` in ``x.dtype``.
+    """
+    T, H = x.shape
+    num_experts, D = down.shape[0], down.shape[1]
+    if expert_ids.dim() != 2 or expert_ids.shape[0] != T or expert_weights.shape != expert_ids.shape:
+        raise ValueError(
+            f"expected expert_ids and expert_weights [T={T}, k], got {list(expert_ids.shape)} and "
+            f"{list(expert_weights.shape)}"
+        )
+    if gate_up.shape != (num_experts, H, 2 * D) or down.shape != (num_experts, D, H) or num_experts < num_routed:
+        raise ValueError(
+            f"expected gate_up [E+S, {H}, 2D] and down [E+S, D, {H}] with E+S >= num_routed={num_routed}; "
+            f"got {list(gate_up.shape)} and {list(down.shape)}"
+        )
+    return ExpertsFunction.apply(
+        x, expert_ids, expert_weights, gate_up, down, num_routed, gemm_config, weight_grad_config
+    )
+
+
+class GroupedMatmulFunction(torch.autograd.Function):
+    """``out[dst(r)] = x[src(r)] @ W[e]`` (no epilogue) with gradients for ``x`` and ``W``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, plan, gather, scatter, gemm_config, weight_grad_config):
+        ctx.save_for_backward(x, weight)
+        ctx.plan, ctx.gather, ctx.scatter = plan, gather, scatter
+        ctx.configs = (gemm_config, weight_grad_config)
+        return _gemm(x, weight, plan, gemm_config, gather=gather, scatter=scatter)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, d_out):
+        x, weight = ctx.saved_tensors
+        plan: DispatchPlan = ctx.plan
+        gemm_config, weight_grad_config = ctx.configs
+        d_out = d_out.to(x.dtype)
+        d_x = d_weight = None
+        if ctx.needs_input_grad[0]:
+            # Row r reads dout[dst(r)]: a pair-order dout is a gather over a plan of one pair a
+            # token. dx[src(r)] sums over the rows that read a token: scatter to pair order, combine.
+            pair_plan = dataclasses.replace(plan, num_tokens=plan.num_pairs, top_k=1)
+            d_rows = _gemm(
+                d_out, weight.transpose(1, 2), pair_plan if ctx.scatter else plan, gemm_config,
+                gather=ctx.scatter, scatter=ctx.gather,
+            )  # fmt: skip
+            d_x = combine_pairs(d_rows.view(plan.num_tokens, plan.top_k, -1)) if ctx.gather else d_rows
+        if ctx.needs_input_grad[1]:
+            d_weight = grouped_weight_grad(
+                x, d_out, plan, a_rows="tokens" if ctx.gather else "sorted",
+                b_rows="pairs" if ctx.scatter else "sorted", config=weight_grad_config,
+            )  # fmt: skip
+        return d_x, d_weight, None, None, None, None, None
+
+
+def grouped_matmul_autograd(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    plan: DispatchPlan,
+    *,
+    gather: bool = False,
+    scatter: bool = False,
+    gemm_config: GroupedMatmulConfig | None = None,
+    weight_grad_config: WeightGradConfig | None = None,
+) -> torch.Tensor:
+    """:func:`moeflux.ops.grouped_matmul.grouped_matmul` without epilogue (no SwiGLU, no row
+    scale), differentiable in ``x`` and ``weight``: ``dx`` is a grouped GEMM against
+    ``W[e]^T`` (summed over a token's pairs when ``gather``), ``dW`` the weight-gradient kernel.
+    ``plan`` must be the forward's (``x`` is ``[T, K]`` when ``gather``, else ``[P, K]``)."""
+    return GroupedMatmulFunction.apply(x, weight, plan, gather, scatter, gemm_config, weight_grad_config)
