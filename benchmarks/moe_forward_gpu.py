@@ -462,7 +462,7 @@ def time_competition_harness(device: torch.device, smoke: bool) -> list[dict]:
 
     systems = {"moeflux custom_kernel": gpumode.custom_kernel, "seed ref_kernel": gpumode.ref_kernel}
     rows = []
-    for shape in competition_shapes("benchmarks")[: 1 if smoke else None]:
+    for shape in (competition_shapes("tests") + competition_shapes("benchmarks"))[: 1 if smoke else None]:
         args = shape.seed_args()
         if smoke:
             args.update(dhidden=64, dexpert=32, seqlen=16)
@@ -474,12 +474,16 @@ def time_competition_harness(device: torch.device, smoke: bool) -> list[dict]:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 begin = time.perf_counter_ns()
-                kernel(data)
+                output = kernel(data)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 if call >= (0 if smoke else 2):  # the first calls compile and warm up
                     times.append((time.perf_counter_ns() - begin) / 1e6)
-                del data
+                if call == 0 and kernel is gpumode.custom_kernel:  # the harness's own check
+                    row["passes_competition_check"] = bool(
+                        torch.allclose(output, gpumode.ref_kernel(data), rtol=1e-2, atol=1e-2)
+                    )
+                del data, output
             row[f"{name} ms"] = statistics.median(times)
         rows.append(row)
         print(f"[harness] {row}")
@@ -558,7 +562,7 @@ def main() -> int:
     int64_error = int64_check.get("rel_l2_triton_vs_fp32", float("nan"))
     status = "ok  " if int64_check["ok"] else "FAIL"
     print(f"[check {status}] {int64_check['shape']}: rel_l2={int64_error:.1e} {int64_check.get('error', '')}")
-    checks_ok = all(c["ok"] for c in checks)
+    checks_ok = all(c["ok"] for c in checks) and all(r.get("passes_competition_check", True) for r in harness)
 
     rows_by_shape = {row["shape"]: row for row in rows}
     table = "\n".join([HEADER, *(markdown_row(r, c) for r, c in zip(rows, checks))])

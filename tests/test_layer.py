@@ -146,3 +146,22 @@ def test_triton_routing_gradients_match_torch_routing():
         (out.square().sum() + aux.load_balancing_loss + 0.1 * aux.router_z_loss).backward()
         grads[backend] = router.grad
     assert rel_l2(grads["triton"], grads["torch"]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_layer_gradients_match_torch_layer(dtype):
+    """Training on the Triton path: every gradient (x, router through the weights and both aux
+    losses, routed and shared experts) against the torch path's autograd."""
+    config = moeflux.MoEConfig(hidden_size=24, expert_size=16, num_experts=6, top_k=2, num_shared_experts=1)
+    base = moeflux.MoEWeights.random(config, dtype=dtype)
+    x0 = torch.randn(9, 24).to(dtype)
+    grads = {}
+    for backend in ("torch", "triton"):
+        leaves = [x0.clone().requires_grad_(), *(t.clone().requires_grad_() for t in (base.router, base.gate_up, base.down))]
+        out, aux = moeflux.moe(leaves[0], moeflux.MoEWeights(*leaves[1:]), top_k=2, backend=backend)
+        (out.float().square().sum() + aux.load_balancing_loss + 0.1 * aux.router_z_loss).backward()
+        grads[backend] = [leaf.grad for leaf in leaves]
+    tolerance = 1e-5 if dtype == torch.float32 else 5e-2
+    for name, actual, expected in zip(("x", "router", "gate_up", "down"), grads["triton"], grads["torch"]):
+        assert actual is not None and actual.dtype == dtype, name
+        assert rel_l2(actual, expected) < tolerance, name

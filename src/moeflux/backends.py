@@ -1,7 +1,8 @@
 """Backend selection: the one place that decides which implementation runs.
 
 * ``"torch"``: plain PyTorch (CPU and GPU, any float dtype, autograd everywhere).
-* ``"triton"``: moeflux's Triton kernels (routing; the experts' grouped GEMMs in inference).
+* ``"triton"``: moeflux's Triton kernels (routing, dispatch, grouped GEMMs, combine; forward
+  and backward).
   Needs a CUDA device, or ``TRITON_INTERPRET=1`` on the CPU (how CI tests kernels).
 * ``"auto"``: ``"triton"`` on CUDA tensors when Triton imports, else ``"torch"``.
 """
@@ -40,8 +41,3 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             )
     return backend
 
-
-def experts_backend(backend: str, needs_grad: bool) -> str:
-    """The backend of the expert GEMMs: the Triton experts path is forward-only for now, so
-    when autograd needs gradients through the experts they run on PyTorch."""
-    return "torch" if needs_grad else backend

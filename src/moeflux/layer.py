@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeflux.backends import experts_backend, resolve_backend
+from moeflux.backends import resolve_backend
 from moeflux.config import MoEConfig
 from moeflux.losses import load_balancing_loss, router_z_loss
 from moeflux.ops.experts import run_experts
@@ -79,12 +79,7 @@ def moe(
     x_tokens = x.reshape(-1, x.shape[-1])
     logits = F.linear(x_tokens, weights.router)
     routing = route(logits, top_k, normalize=normalize_topk, backend=backend)
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (x, weights.router, weights.gate_up, weights.down)
-    )
-    out = run_experts(
-        x_tokens, routing.expert_ids, routing.expert_weights, weights, backend=experts_backend(backend, needs_grad)
-    )
+    out = run_experts(x_tokens, routing.expert_ids, routing.expert_weights, weights, backend=backend)
     aux = MoEAux(
         router_probs=routing.router_probs,
         expert_ids=routing.expert_ids,
@@ -150,13 +145,20 @@ class MoE(nn.Module):
         self.router = nn.Parameter(weights.router)
         self.gate_up = nn.Parameter(weights.gate_up)
         self.down = nn.Parameter(weights.down)
+        self._weights: MoEWeights | None = None
 
     def reset_parameters(self) -> None:
         self.weights.normal_()
 
     @property
     def weights(self) -> MoEWeights:
-        return MoEWeights(router=self.router, gate_up=self.gate_up, down=self.down)
+        """The parameters as :class:`MoEWeights`; one object kept across calls, so the
+        address tables the Triton kernels read are built once."""
+        cached = self._weights
+        current = (self.router, self.gate_up, self.down)
+        if cached is None or any(a is not b for a, b in zip((cached.router, cached.gate_up, cached.down), current)):
+            self._weights = MoEWeights(router=self.router, gate_up=self.gate_up, down=self.down)
+        return self._weights
 
     @classmethod
     def from_seed_weights(

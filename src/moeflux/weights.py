@@ -10,7 +10,7 @@ which every token visits with weight 1; kernels treat them like any other expert
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
@@ -32,6 +32,18 @@ class MoEWeights:
     router: torch.Tensor
     gate_up: torch.Tensor
     down: torch.Tensor
+    _tables: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    def expert_tables(self):
+        """The :class:`moeflux.expert_tables.ExpertTables` the Triton kernels read, built once
+        and reused while the tensors stay where they are (in-place updates keep addresses)."""
+        key = (self.gate_up.data_ptr(), self.down.data_ptr(), self.gate_up.stride(), self.down.stride(),
+               self.gate_up.shape, self.down.shape, self.gate_up.dtype, self.num_experts)  # fmt: skip
+        if self._tables is None or self._tables[0] != key:
+            from moeflux.expert_tables import ExpertTables
+
+            self._tables = (key, ExpertTables.from_packed(self.gate_up, self.down, self.num_experts))
+        return self._tables[1]
 
     @property
     def num_experts(self) -> int:

@@ -27,8 +27,10 @@ def run_experts(
         expert_ids: ``[T, k]`` int64 routed expert ids in ``[0, E)``.
         expert_weights: ``[T, k]`` their weights (float32).
         weights: packed layer weights; experts ``E..E+S-1`` are the shared slices.
-        backend: ``"torch"`` or ``"triton"`` (grouped GEMMs with fused gather, SwiGLU,
-            routing weight and scatter; see :mod:`moeflux.ops.experts.triton`).
+        backend: ``"torch"`` or ``"triton"``: grouped GEMMs with fused gather, SwiGLU,
+            routing weight and scatter (:mod:`moeflux.ops.experts.triton`); when autograd
+            needs gradients, the Triton path that saves the pre-activations for its
+            backward (:mod:`moeflux.ops.experts.autograd`).
 
     Returns:
         ``[T, H]`` in ``x.dtype``.
@@ -36,7 +38,11 @@ def run_experts(
     if backend == "torch":
         return experts_torch(x, expert_ids, expert_weights, weights.gate_up, weights.down, weights.num_experts)
     if backend == "triton":
-        from moeflux.ops.experts.triton import experts_triton
+        from moeflux.ops.experts.autograd import experts_autograd
+        from moeflux.ops.experts.triton import experts_triton_tables
 
-        return experts_triton(x, expert_ids, expert_weights, weights.gate_up, weights.down, weights.num_experts)
+        tensors = (x, expert_weights, weights.gate_up, weights.down)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+            return experts_autograd(x, expert_ids, expert_weights, weights.gate_up, weights.down, weights.num_experts)
+        return experts_triton_tables(x, expert_ids, expert_weights, weights.expert_tables())
     raise ValueError(f"unknown experts backend {backend!r}")
