@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import triton.language as tl
 
 from moeflux.ops.flash_expert import flash_expert
 from moeflux.ops.flash_expert import triton as kernels
@@ -110,6 +111,23 @@ def poisoned_kernel_buffers(monkeypatch):
 
 
 @pytest.fixture
+def interpreter_tensor_cores(monkeypatch):
+    """Let the launchers take the tensor-core weight-gradient kernel on the CPU, with the
+    interpreter's dot fixed: Triton 3.6's interpreter multiplies bfloat16 operands as their
+    raw uint16 bits, so decode them to float32 first (the products are exact either way)."""
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        a, b = (self.cast_impl(x, tl.float32) if x.dtype.scalar == tl.bfloat16 else x for x in (a, b))
+        return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+    monkeypatch.setattr(kernels, "_tensor_cores", lambda tensor: True)
+
+
+@pytest.fixture
 def small_tiles(monkeypatch):
     """Tiles of 64 elements: the kernels loop over several chunks of H even at small H."""
     monkeypatch.setattr(kernels, "MAX_TILE_ELEMENTS", 64)
@@ -152,30 +170,178 @@ def test_triton_deterministic_gradients_are_bitwise_reproducible(small_tiles):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
-def test_triton_launchers_write_every_element():
+@pytest.mark.parametrize("sorted_pairs", [False, True], ids=["token order", "expert order"])
+def test_triton_launchers_write_every_element(sorted_pairs):
     """The launchers fill caller-given NaN buffers completely (the weight kernel included
     rows of unused experts, which it writes as zeros)."""
     T, H, E, K = 5, 40, 12, 3
     hidden, down, up, indices, routing_weights = make_inputs(T, H, E, K, "uniform", torch.float32)
     grad_out = torch.randn(T, H)
+    pairs = kernels.sort_pairs(indices) if sorted_pairs else None
 
     def nan(*shape):
         return torch.full(shape, math.nan)
 
-    out, scores = nan(T, H), nan(T, K)
-    kernels.launch_forward(hidden, down, up, indices, routing_weights, out, scores)
+    out, scores, coef = nan(T, H), nan(T, K), nan(T, K)
+    kernels.launch_dots(hidden, down, indices, routing_weights, scores, coef, pairs=pairs)
+    kernels.launch_combine(up, indices, coef, out)
     grad_routing, grad_score, coef, grad_hidden = nan(T, K), nan(T, K), nan(T, K), nan(T, H)
-    kernels.launch_backward_tokens(
-        hidden, down, up, indices, routing_weights, scores, grad_out, grad_routing, grad_score, coef, grad_hidden
-    )
+    kernels.launch_dots(grad_out, up, indices, routing_weights, scores, coef, grad_score, grad_routing, pairs=pairs)
+    kernels.launch_combine(down, indices, grad_score, grad_hidden)
     grad_down, grad_up = nan(E, H), nan(E, H)
-    kernels.launch_backward_weights(hidden, grad_out, indices, grad_score, coef, grad_down, grad_up)
+    kernels.launch_expert_grads(hidden, grad_out, kernels.sort_pairs(indices), grad_score, coef, grad_down, grad_up)
     for name, buffer in locals().copy().items():
         if isinstance(buffer, torch.Tensor):
             assert torch.isfinite(buffer).all(), name
     expected = reference64(hidden, down, up, indices, routing_weights, grad_out)
     for actual, wanted in zip((out, grad_hidden, grad_down, grad_up, grad_routing), expected):
         assert rel_l2(actual, wanted) < 1e-5
+
+
+def segment_indices(pattern, T, K, E, generator):
+    """``[T, K]`` expert ids whose sorted segments are of the kind ``pattern`` names."""
+    if pattern == "one expert":  # every pair on one expert: a single segment T * K long
+        return torch.full((T, K), E // 2, dtype=torch.int64)
+    if pattern == "long and empty":  # three hot experts, a few singles, the rest of E empty
+        hot = torch.tensor([1, E - 1, 7])[torch.randint(0, 3, (T, K), generator=generator)]
+        singles = torch.randperm(E, generator=generator)[:T]
+        hot[:, 0] = singles
+        return hot
+    return torch.randint(0, E, (T, K), generator=generator)  # "sparse": E >> T * K
+
+
+# (name, T, K, E, H)
+SEGMENT_CASES = [
+    ("one expert", 13, 4, 50, 24),
+    ("long and empty", 16, 3, 120, 40),
+    ("sparse", 5, 2, 200, 20),
+    ("one token one slot", 1, 1, 70, 16),
+]
+
+# Weight-gradient tiles (rows, block_h, h_loop, long-segment threshold, block_p, dtype).
+# Stepping kernel (block_p = 0): with threshold 1 every segment longer than one pair takes the
+# blocked path, and rows = 1 turns that path into one pair per step. Tensor-core kernel
+# (block_p > 0, bfloat16): the tile's pairs in dense steps of block_p, whatever the segments.
+SEGMENT_TILES = [
+    (2, 16, False, 1, 0, torch.float32),
+    (4, 32, True, 3, 0, torch.float32),
+    (8, 16, True, 1000, 0, torch.float32),
+    (1, 16, False, 1, 0, torch.float32),
+    (16, 16, False, 32, 16, torch.bfloat16),
+    (32, 32, True, 32, 16, torch.bfloat16),
+    (16, 16, None, 32, 32, torch.bfloat16),
+]
+
+
+def _tiles_id(t):
+    kind = f"tensor-core,block_p={t[4]}" if t[4] else f"stepping,long>{t[3]}"
+    return f"{kind},rows={t[0]},block_h={t[1]},h_loop={t[2]}"
+
+
+@pytest.mark.parametrize("tiles", SEGMENT_TILES, ids=_tiles_id)
+@pytest.mark.parametrize("case", SEGMENT_CASES, ids=[c[0] for c in SEGMENT_CASES])
+def test_expert_grads_segments(case, tiles, monkeypatch, interpreter_tensor_cores):
+    """The per-expert reduction over the sorted pairs: long segments, empty ones (zero rows),
+    E much larger than T * K, all pairs on one expert; every row of the NaN-poisoned outputs
+    written, and the same bits on a second run."""
+    rows, block_h, h_loop, long_segment, block_p, dtype = tiles
+    name, T, K, E, H = case
+    monkeypatch.setattr(kernels, "LONG_SEGMENT", long_segment)
+    generator = torch.Generator().manual_seed(3)
+    indices = segment_indices(name, T, K, E, generator)
+    hidden = torch.randn(T, H, generator=generator).to(dtype)
+    grad_out = torch.randn(T, H, generator=generator).to(dtype)
+    grad_score, coef = torch.randn(T, K, generator=generator), torch.randn(T, K, generator=generator)
+    base = kernels.default_config(H, K, dtype)
+    config = base.replace(expert_grads=kernels.Tiles(rows, block_h, 4, 2, h_loop, block_p))
+
+    def run_kernel():
+        grad_down, grad_up = torch.full((E, H), math.nan).to(dtype), torch.full((E, H), math.nan).to(dtype)
+        pairs = kernels.sort_pairs(indices)
+        kernels.launch_expert_grads(hidden, grad_out, pairs, grad_score, coef, grad_down, grad_up, config=config)
+        return grad_down, grad_up
+
+    grad_down, grad_up = run_kernel()
+    flat = indices.flatten()
+    tokens = torch.arange(T).repeat_interleave(K)
+    want_down = torch.zeros(E, H, dtype=torch.float64).index_add_(
+        0, flat, grad_score.flatten().double()[:, None] * hidden.double()[tokens]
+    )
+    want_up = torch.zeros(E, H, dtype=torch.float64).index_add_(
+        0, flat, coef.flatten().double()[:, None] * grad_out.double()[tokens]
+    )
+    assert torch.isfinite(grad_down).all() and torch.isfinite(grad_up).all()
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2  # bfloat16: the output rounding
+    assert rel_l2(grad_down, want_down) < tolerance and rel_l2(grad_up, want_up) < tolerance
+    unused = torch.ones(E, dtype=torch.bool)
+    unused[flat] = False
+    assert (grad_down[unused] == 0).all() and (grad_up[unused] == 0).all()
+    again = run_kernel()
+    assert torch.equal(again[0], grad_down) and torch.equal(again[1], grad_up)
+
+
+def test_tensor_core_weight_grads_keep_float32_coefficients(interpreter_tensor_cores):
+    """The tensor-core kernel feeds each float32 coefficient to the MMA as two bfloat16
+    parts: 1 + 2**-12 (which bfloat16 alone rounds to 1) minus 1 must leave 2**-12."""
+    indices = torch.tensor([[3], [3]])
+    ones = torch.ones(2, 16, dtype=torch.bfloat16)
+    grad_score = torch.tensor([[1 + 2**-12], [-1.0]])
+    coef = -grad_score
+    grad_down, grad_up = (torch.full((8, 16), math.nan, dtype=torch.bfloat16) for _ in range(2))
+    config = kernels.default_config(16, 1).replace(expert_grads=kernels.Tiles(16, 16, 4, 2, None, 16))
+    kernels.launch_expert_grads(ones, ones, kernels.sort_pairs(indices), grad_score, coef, grad_down, grad_up,
+                                config=config)  # fmt: skip
+    assert (grad_down[3] == 2**-12).all() and (grad_up[3] == -(2**-12)).all()
+    assert (grad_down[torch.arange(8) != 3] == 0).all() and (grad_up[torch.arange(8) != 3] == 0).all()
+
+
+def test_expert_grads_one_of_two_pools():
+    """Only d_up wanted (d_down None): d_up still right, nothing else touched."""
+    T, H, E, K = 6, 20, 9, 3
+    hidden, _, _, indices, _ = make_inputs(T, H, E, K, "uniform", torch.float32)
+    grad_out, grad_score, coef = torch.randn(T, H), torch.randn(T, K), torch.randn(T, K)
+    grad_up = torch.full((E, H), math.nan)
+    kernels.launch_expert_grads(hidden, grad_out, kernels.sort_pairs(indices), grad_score, coef, None, grad_up)
+    tokens = torch.arange(T).repeat_interleave(K)
+    want = torch.zeros(E, H).index_add_(0, indices.flatten(), coef.flatten()[:, None] * grad_out[tokens])
+    torch.testing.assert_close(grad_up, want)
+
+
+CONFIG_VARIANTS = [
+    ("dots in expert order", dict(sorted_dots=True)),
+    ("weight grads walk all of H", dict(expert_grads=kernels.Tiles(4, 16, 4, 1, True))),
+    ("weight grads split H, stepping kernel", dict(expert_grads=kernels.Tiles(2, 16, 4, 2, False, 0))),
+    ("weight grads, tensor-core kernel (bfloat16 only)", dict(expert_grads=kernels.Tiles(16, 16, 4, 2, None, 16))),
+    ("one-stage loops", dict(token_dot=kernels.Tiles(1, 16, 4, 1), sorted_dot=kernels.Tiles(2, 32, 4, 1),
+                             combine=kernels.Tiles(1, 16, 4, 1), sorted_dots=True)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", CONFIG_VARIANTS, ids=[v[0] for v in CONFIG_VARIANTS])
+@pytest.mark.parametrize("case", [CASES[3], CASES[4]], ids=[CASES[3][0], CASES[4][0]])
+def test_triton_config_variants(case, variant, dtype, poisoned_kernel_buffers, interpreter_tensor_cores):
+    """Every tile / ordering choice the config (and so the GPU sweep) can make is correct."""
+    _, T, H, E, K, pattern = case
+    inputs = make_inputs(T, H, E, K, pattern, dtype)
+    grad_out = torch.randn(T, H).to(dtype)
+    config = kernels.default_config(H, K, dtype).replace(**variant[1])
+    actual = run(inputs, grad_out, backend="triton", config=config)
+    check_against_reference(actual, inputs, grad_out, dtype)
+
+
+@pytest.mark.parametrize("H, K", [(1024, 16), (2048, 64), (33, 7), (1, 1)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_default_config_tiles(H, K, dtype):
+    config = kernels.default_config(H, K, dtype)
+    for tiles in (config.token_dot, config.sorted_dot, config.combine, config.expert_grads):
+        assert tiles.rows >= 1 and tiles.block_h >= 16 and tiles.num_stages >= 1
+        assert tiles.rows & (tiles.rows - 1) == 0 and tiles.block_h & (tiles.block_h - 1) == 0
+    # Gathered elements per step stay within the budget (a token-dot tile covers all K slots).
+    block_k = max(2, 1 << (K - 1).bit_length())
+    assert config.token_dot.rows * block_k * config.token_dot.block_h <= max(
+        kernels.MAX_TILE_ELEMENTS, block_k * 16
+    )
 
 
 def test_triton_non_contiguous_inputs_and_int32_indices(small_tiles):

@@ -9,14 +9,25 @@ This is the expert layer of PEER ("Mixture of A Million Experts"). ``flash_exper
 one entry point; ``backend`` picks the plain-PyTorch path (:mod:`.naive`) or the Triton
 kernels (:mod:`.triton`). Both accumulate in float32 (float64 for float64 inputs) and return
 ``hidden``'s dtype.
+
+Cost: the op is memory-bound. The forward reads the ``K`` chosen rows of both pools per token;
+the backward reads them again and writes the dense ``[E, H]`` gradients of both pools whole
+(zeros for rows nobody picked). Those writes are a floor no kernel can beat: at ``E = 2**20``,
+``H = 2048`` in bfloat16 they are 2 x 4 GiB, about 2.8 ms at 3 TB/s, so for very large pools
+the backward is bound by ``E`` rather than by ``T K`` (see :mod:`.triton` for the bounds).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
 from moeflux.backends import resolve_backend
 from moeflux.ops.flash_expert.naive import flash_expert_torch
+
+if TYPE_CHECKING:
+    from moeflux.ops.flash_expert.triton import FlashExpertConfig
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INDEX_DTYPES = (torch.int64, torch.int32)
@@ -32,6 +43,7 @@ def flash_expert(
     check_indices: bool = True,
     backend: str = "auto",
     deterministic: bool = True,
+    config: FlashExpertConfig | None = None,
 ) -> torch.Tensor:
     """``out[t] = sum_j w[t, j] * silu(hidden[t] . down[idx[t, j]]) * up[idx[t, j]]``.
 
@@ -55,8 +67,12 @@ def flash_expert(
             per expert after sorting the (token, slot) pairs by expert id: bitwise
             reproducible. ``False`` adds them with float32 atomics instead: no sort, but the
             summation order and hence the last bits change from run to run, and 16-bit
-            pools need two float32 ``[E, H]`` buffers. (The torch backend's gradients go
+            pools need two float32 ``[E, H]`` buffers (zeroed, accumulated, converted:
+            slower than the sorted path at large E). (The torch backend's gradients go
             through ``index_add``, which is atomic on CUDA.)
+        config: Triton backend only: the kernels' tiles and whether the forward sorts the
+            pairs by expert (:class:`moeflux.ops.flash_expert.triton.FlashExpertConfig`);
+            ``None`` picks them from ``H``, ``K`` and the dtype.
 
     Returns:
         ``[T, H]`` in ``hidden_states``' dtype. ``T = 0`` gives an empty ``[0, H]`` tensor.
@@ -79,7 +95,9 @@ def flash_expert(
         return flash_expert_torch(hidden_states, down_weights, up_weights, indices, routing_weights)
     from moeflux.ops.flash_expert.triton import flash_expert_triton
 
-    return flash_expert_triton(hidden_states, down_weights, up_weights, indices, routing_weights, deterministic)
+    return flash_expert_triton(
+        hidden_states, down_weights, up_weights, indices, routing_weights, deterministic, config
+    )
 
 
 def _check_inputs(
