@@ -539,12 +539,14 @@ def default_config(H: int, K: int, dtype: torch.dtype = torch.bfloat16) -> Flash
     combine = Tiles(pair_rows, pair_h, 4, 3)
     # Weight gradients: two float32 accumulators [rows, BLOCK_H] held through the program.
     if dtype == torch.bfloat16:
-        # Tensor-core kernel: 32 experts x 64 of H, 32 pairs per step, 3 stages: 113
-        # registers with 4 warps on sm_90 (4 programs per SM), 16 KB of gathered rows in
-        # flight per program. The dot needs every dimension >= 16.
+        # Tensor-core kernel: 32 experts x 64 of H, 16 pairs per step, 2 stages. In the H100
+        # sweep (benchmarks/results/flash-expert-h100-2026-11-25-b9ceb5d) it was the best
+        # tile at four of the eight benchmark shapes and within 7% at two; at K = 64,
+        # E = 65536 (8 pairs per expert) the per-pair kernel (16, 128, block_p 0) won by 18%+,
+        # a choice this function cannot make without T and E. The dot needs dims >= 16.
         grad_h = block_h(min(64, budget // 128))
         grad_rows = max(16, min(32, budget // 256))
-        expert_grads = Tiles(grad_rows, grad_h, 4, 3, None, grad_rows)
+        expert_grads = Tiles(grad_rows, grad_h, 4, 2, None, 16)
     else:
         grad_h = block_h(min(128, budget // 64))
         expert_grads = Tiles(max(2, budget // 4 // grad_h), grad_h, 4, 2, None, 0)
