@@ -33,11 +33,11 @@ import datetime
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _common import git_commit, rel_l2
 import torch
 import torch.nn.functional as F
 import triton
@@ -50,11 +50,6 @@ from moeflux.ops.flash_expert.triton import Tiles
 TIME_BUDGET_S = 150.0  # stop starting eager timings after this
 SWEEP_BUDGET_S = 240.0  # stop starting sweep shapes after this (the whole run stays < 5 min)
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
 
 
 def make_inputs(T, H, E, K, dtype, device, *, hot=False, requires_grad=False, seed=0):
@@ -532,18 +527,6 @@ def run_sweep(device, copy_gbps, smoke, started):
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return shapes
-
-
-def git_commit() -> str | None:
-    for variable in ("GIT_COMMIT", "GITHUB_SHA"):
-        if os.environ.get(variable):
-            return os.environ[variable]
-    try:
-        root = Path(__file__).resolve().parent.parent
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        return result.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def main() -> int:

@@ -32,12 +32,12 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from _common import git_commit, no_host_sync, rel_l2, time_ms
 import torch
 import torch.nn.functional as F
 import triton
@@ -103,24 +103,6 @@ def load_shapes(smoke: bool) -> list[Shape]:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.double(), expected.double()
-    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
-
-
-def time_ms(fn, *, quick: bool = False) -> float:
-    if torch.cuda.is_available():
-        warmup, rep = (10, 40) if quick else (25, 100)
-        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-    fn()  # CPU smoke run: a few plain repetitions
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[1]
 
 
 def free_memory(device: torch.device) -> None:
@@ -202,21 +184,6 @@ def check_shape(shape: Shape, x, weights: MoEWeights, expert_ids, expert_weights
         and result["no_host_sync"] is not False and result["cuda_graph_matches"] is not False
     )  # fmt: skip
     return result
-
-
-def no_host_sync(fn) -> bool | None:
-    """True if ``fn`` runs under ``set_sync_debug_mode("error")`` (any torch host sync raises)."""
-    if not torch.cuda.is_available():
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        fn()
-        return True
-    except RuntimeError:
-        return False
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
 
 
 def capture_graph(fn):
@@ -489,18 +456,6 @@ def time_competition_harness(device: torch.device, smoke: bool) -> list[dict]:
         print(f"[harness] {row}")
         sys.stdout.flush()
     return rows
-
-
-def git_commit() -> str | None:
-    for variable in ("GIT_COMMIT", "GITHUB_SHA"):
-        if os.environ.get(variable):
-            return os.environ[variable]
-    try:
-        root = Path(__file__).resolve().parent.parent
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        return result.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def main() -> int:

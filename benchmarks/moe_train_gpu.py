@@ -35,12 +35,12 @@ import importlib.resources
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from _common import git_commit, no_host_sync, rel_l2, time_ms
 import torch
 import torch.nn.functional as F
 import triton
@@ -100,24 +100,6 @@ def load_shapes(smoke: bool) -> tuple[list[Shape], list[Shape]]:
     prefill = [shape(c["name"], c) for c in models if c["name"].endswith("prefill")]
     checks += [s for s in prefill if s.name.startswith("qwen3")]
     return checks, timing + prefill
-
-
-def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    actual, expected = actual.detach().double(), expected.detach().double()
-    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
-
-
-def time_ms(fn, *, quick: bool = False) -> float:
-    if torch.cuda.is_available():
-        warmup, rep = (10, 40) if quick else (25, 100)
-        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-    fn()  # CPU smoke run: a few plain repetitions
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * sorted(times)[1]
 
 
 def error_text(error: BaseException) -> str:
@@ -192,20 +174,6 @@ def step(experts, leaves, expert_ids, num_routed, grad_out):
 # --------------------------------------------------------------------------------------
 # 1. checks
 # --------------------------------------------------------------------------------------
-
-
-def no_host_sync(fn) -> bool | None:
-    if not torch.cuda.is_available():
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        fn()
-        return True
-    except RuntimeError:
-        return False
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
 
 
 def check_shape(shape: Shape, device: torch.device) -> dict:
@@ -484,15 +452,6 @@ def parts_lines(row: dict) -> list[str]:
 def geomean(values) -> float | None:
     values = [v for v in values if v]
     return math.exp(sum(map(math.log, values)) / len(values)) if values else None
-
-
-def git_commit() -> str | None:
-    try:
-        root = Path(__file__).resolve().parent.parent
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        return result.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def main() -> int:

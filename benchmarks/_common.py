@@ -1,0 +1,61 @@
+"""Helpers shared by the GPU check-and-time scripts in this folder."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+
+def rel_l2(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` in float64."""
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
+
+
+def time_ms(fn, *, quick: bool = False) -> float:
+    """Median milliseconds of ``fn``: ``triton.testing.do_bench`` on a GPU, a few plain
+    repetitions on the CPU (smoke runs of the scripts)."""
+    if torch.cuda.is_available():
+        warmup, rep = (10, 40) if quick else (25, 100)
+        return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * sorted(times)[1]
+
+
+def no_host_sync(fn) -> bool | None:
+    """True if ``fn`` runs under ``set_sync_debug_mode("error")`` (any torch host sync raises)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return True
+    except RuntimeError:
+        return False
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def git_commit() -> str | None:
+    """The commit measured: ``MOEFLUX_COMMIT`` / ``GIT_COMMIT`` when set (the GPU machine's
+    copy of the tree has no ``.git``), else ``git rev-parse``."""
+    for variable in ("MOEFLUX_COMMIT", "GIT_COMMIT"):
+        if os.environ.get(variable):
+            return os.environ[variable]
+    try:
+        root = Path(__file__).resolve().parent.parent
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        return result.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
