@@ -149,12 +149,15 @@ def seed_weight(
     (wrong shape, device or strides), naming ``key``.
     """
     tensor = weights.get(key)
+    # The fast path runs ~100 times per call of the competition's entry point: compare the
+    # device by index (``Tensor.device`` builds a new object on every access).
     if (
         isinstance(tensor, torch.Tensor)
         and tensor.shape == shape
         and tensor.dtype == dtype
-        and tensor.device == device
+        and tensor.get_device() == (device.index if device.type == "cuda" else -1)
         and tensor.stride()[-1] == 1
+        and (device.type == "cuda" or tensor.device == device)
     ):
         return tensor
     if tensor is None:

@@ -8,7 +8,8 @@ pairs, flat index ``p = t * k' + j``. The grouped GEMMs run over the pairs *sort
 when ``expert_offsets[e] <= r < expert_offsets[e + 1]``.
 
 Everything is built on the tensors' device with no host sync (no ``.item()``, no
-data-dependent shapes), so the plan can be captured in a CUDA graph. The one host-side size,
+data-dependent shapes), so the plan can be captured in a CUDA graph, once the expert-id range
+check (``check_ids``, one host read) is turned off. The one host-side size,
 ``max_tiles``, is an upper bound known from the shapes alone; the true tile count stays on the
 device and kernels exit early past it.
 """
@@ -95,18 +96,43 @@ def max_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
     return num_pairs // block_m + min(num_experts, num_pairs)
 
 
+def check_expert_ids(expert_ids: torch.Tensor, num_experts: int) -> None:
+    """Raise ``IndexError`` unless every id of ``expert_ids`` lies in ``[0, num_experts)``.
+
+    One min/max reduction and a copy of two numbers to the host: it synchronises the device,
+    so it cannot run inside a CUDA graph capture.
+    """
+    if expert_ids.numel() == 0:
+        return
+    lowest, highest = torch.stack(torch.aminmax(expert_ids)).tolist()  # one device-to-host copy
+    if lowest < 0 or highest >= num_experts:
+        raise IndexError(
+            f"expert_ids must lie in [0, {num_experts}) (ids of the {num_experts} routed experts), "
+            f"found min {lowest} and max {highest}"
+        )
+
+
 def build_dispatch_plan(
-    expert_ids: torch.Tensor, num_experts: int, *, num_shared_experts: int = 0, block_m: int = 64
+    expert_ids: torch.Tensor,
+    num_experts: int,
+    *,
+    num_shared_experts: int = 0,
+    block_m: int = 64,
+    check_ids: bool = True,
 ) -> DispatchPlan:
     """Sort the (token, slot) pairs of ``expert_ids [T, k]`` by expert and tile them.
 
     Args:
-        expert_ids: ``[T, k]`` integer routed expert ids in ``[0, num_experts)`` (not checked:
-            checking would sync with the host).
+        expert_ids: ``[T, k]`` integer routed expert ids in ``[0, num_experts)``.
         num_experts: ``E``, routed experts.
         num_shared_experts: ``S``; appends slots ``k .. k+S-1`` holding experts ``E .. E+S-1``
             to every token, so ``E' = E + S`` and ``k' = k + S``.
         block_m: rows per tile of the tile schedule.
+        check_ids: verify ``0 <= expert_ids < num_experts`` with one min/max reduction and
+            raise ``IndexError`` otherwise (:func:`check_expert_ids`). The check copies two
+            numbers to the host, so it synchronises the device: turn it off inside CUDA graphs
+            and wherever the ids are known good (router output); an out-of-range id then makes
+            the kernels read and write out of bounds.
 
     Example:
         >>> plan = build_dispatch_plan(torch.tensor([[1, 0], [1, 2]]), 4, block_m=16)
@@ -122,6 +148,8 @@ def build_dispatch_plan(
             f"need num_experts >= 1, num_shared_experts >= 0, block_m >= 1; got "
             f"{num_experts}, {num_shared_experts}, {block_m}"
         )
+    if check_ids:
+        check_expert_ids(expert_ids, num_experts)
     num_tokens, routed_k = expert_ids.shape
     device = expert_ids.device
     top_k = routed_k + num_shared_experts

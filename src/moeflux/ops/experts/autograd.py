@@ -39,6 +39,7 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from moeflux.ops.dispatch import DispatchPlan, build_dispatch_plan
+from moeflux.ops.experts import check_same_device
 from moeflux.ops.experts.triton import combine_pairs
 from moeflux.ops.grouped_matmul import GroupedMatmulConfig, grouped_matmul, select_config
 from moeflux.ops.grouped_matmul.weight_grad import WeightGradConfig, grouped_weight_grad
@@ -163,7 +164,9 @@ class ExpertsFunction(torch.autograd.Function):
     (see the module docstring). Differentiable in ``x``, ``expert_weights``, ``gate_up``, ``down``."""
 
     @staticmethod
-    def forward(ctx, x, expert_ids, expert_weights, gate_up, down, num_routed, gemm_config, weight_grad_config):
+    def forward(
+        ctx, x, expert_ids, expert_weights, gate_up, down, num_routed, gemm_config, weight_grad_config, check_ids
+    ):
         T, H = x.shape
         num_experts = down.shape[0]
         num_shared = num_experts - num_routed
@@ -171,7 +174,9 @@ class ExpertsFunction(torch.autograd.Function):
         D = down.shape[1]
         # The plan is tiled for the first GEMM; the others re-tile it (a launch, not a sort).
         first = gemm_config or select_config(T * top_k, 2 * D, H, x.dtype, num_experts=num_experts)
-        plan = build_dispatch_plan(expert_ids, num_routed, num_shared_experts=num_shared, block_m=first.block_m)
+        plan = build_dispatch_plan(
+            expert_ids, num_routed, num_shared_experts=num_shared, block_m=first.block_m, check_ids=check_ids
+        )
         pair_weights = expert_weights.to(torch.float32)
         if num_shared > 0:
             shared_weights = torch.ones(T, num_shared, device=x.device, dtype=torch.float32)
@@ -221,7 +226,7 @@ class ExpertsFunction(torch.autograd.Function):
         d_weights = None
         if needs_weights:
             d_weights = d_pair_weights.view(T, plan.top_k)[:, : ctx.routed_k].to(ctx.expert_weights_dtype)
-        return d_x, None, d_weights, d_gate_up, d_down, None, None, None
+        return d_x, None, d_weights, d_gate_up, d_down, None, None, None, None
 
 
 def experts_autograd(
@@ -234,9 +239,11 @@ def experts_autograd(
     *,
     gemm_config: GroupedMatmulConfig | None = None,
     weight_grad_config: WeightGradConfig | None = None,
+    check_ids: bool = True,
 ) -> torch.Tensor:
     """``out[t] = sum_j w[t, j] SwiGLU_{ids[t, j]}(x[t]) + sum_s SwiGLU_{E + s}(x[t])``,
-    differentiable in ``x``, ``expert_weights``, ``gate_up`` and ``down``, no host sync.
+    differentiable in ``x``, ``expert_weights``, ``gate_up`` and ``down``, no host sync once
+    ``check_ids`` is off.
 
     Args:
         x: ``[T, H]`` tokens, float32 / float16 / bfloat16, any strides.
@@ -250,10 +257,19 @@ def experts_autograd(
             when omitted); tests pass small blocks.
         weight_grad_config: launch parameters of the two weight-gradient launches
             (:func:`moeflux.ops.grouped_matmul.weight_grad.select_weight_grad_config` when omitted).
+        check_ids: verify ``0 <= expert_ids < num_routed`` and raise ``IndexError`` otherwise;
+            one host sync (see :func:`moeflux.ops.dispatch.build_dispatch_plan`). Turn it off
+            inside CUDA graphs and for ids known good, such as the router's.
 
     Returns:
         ``[T, H]`` in ``x.dtype``.
     """
+    if x.dim() != 2 or gate_up.dim() != 3 or down.dim() != 3:
+        raise ValueError(
+            f"expected x [T, H], gate_up [E+S, H, 2D] and down [E+S, D, H]; got {list(x.shape)}, "
+            f"{list(gate_up.shape)} and {list(down.shape)}"
+        )
+    check_same_device(x=x, expert_ids=expert_ids, expert_weights=expert_weights, gate_up=gate_up, down=down)
     T, H = x.shape
     num_experts, D = down.shape[0], down.shape[1]
     if expert_ids.dim() != 2 or expert_ids.shape[0] != T or expert_weights.shape != expert_ids.shape:
@@ -267,7 +283,7 @@ def experts_autograd(
             f"got {list(gate_up.shape)} and {list(down.shape)}"
         )
     return ExpertsFunction.apply(
-        x, expert_ids, expert_weights, gate_up, down, num_routed, gemm_config, weight_grad_config
+        x, expert_ids, expert_weights, gate_up, down, num_routed, gemm_config, weight_grad_config, check_ids
     )
 
 

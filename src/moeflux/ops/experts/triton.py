@@ -18,6 +18,7 @@ import triton.language as tl
 
 from moeflux.expert_tables import ExpertTables
 from moeflux.ops.dispatch import build_dispatch_plan
+from moeflux.ops.experts import check_same_device
 from moeflux.ops.grouped_matmul import GroupedMatmulConfig, grouped_matmul, select_config
 
 
@@ -73,14 +74,16 @@ def experts_triton(
     *,
     gate_up_config: GroupedMatmulConfig | None = None,
     down_config: GroupedMatmulConfig | None = None,
+    check_ids: bool = True,
 ) -> torch.Tensor:
     """:func:`experts_triton_tables` on packed weights: ``gate_up [E + S, H, 2D]`` (gate columns
     ``[:D]``, up ``[D:]``), ``down [E + S, D, H]``, ``num_routed = E``; experts ``E .. E+S-1``
     are the shared slices. Their tables are built on the device (no sync)."""
     experts = ExpertTables.from_packed(gate_up, down, num_routed)
     return experts_triton_tables(
-        x, expert_ids, expert_weights, experts, gate_up_config=gate_up_config, down_config=down_config
-    )
+        x, expert_ids, expert_weights, experts, gate_up_config=gate_up_config, down_config=down_config,
+        check_ids=check_ids,
+    )  # fmt: skip
 
 
 def experts_triton_tables(
@@ -91,9 +94,11 @@ def experts_triton_tables(
     *,
     gate_up_config: GroupedMatmulConfig | None = None,
     down_config: GroupedMatmulConfig | None = None,
+    check_ids: bool = True,
 ) -> torch.Tensor:
     """``out[t] = sum_j w[t, j] * SwiGLU_{ids[t, j]}(x[t]) + sum_s SwiGLU_{E + s}(x[t])``, the
-    function of :func:`moeflux.ops.experts.naive.experts_torch`, with no host sync.
+    function of :func:`moeflux.ops.experts.naive.experts_torch`, with no host sync once
+    ``check_ids`` is off.
 
     Args:
         x: ``[T, H]`` tokens, float32 / float16 / bfloat16.
@@ -103,13 +108,19 @@ def experts_triton_tables(
             are the shared slices.
         gate_up_config, down_config: launch parameters of the two GEMMs (``select_config``
             when omitted).
+        check_ids: verify ``0 <= expert_ids < E`` and raise ``IndexError`` otherwise; one
+            host sync (see :func:`moeflux.ops.dispatch.build_dispatch_plan`). Turn it off inside
+            CUDA graphs and for ids known good, such as the router's.
 
     Returns:
         ``[T, H]`` in ``x.dtype``. Each pair's down projection is rounded to ``x.dtype``
         before the float32 sum, as in the torch path.
     """
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, H], got shape {list(x.shape)}")
     T, H = x.shape
     D, num_routed, num_shared = experts.expert_size, experts.num_experts, experts.num_shared_experts
+    check_same_device(x=x, expert_ids=expert_ids, expert_weights=expert_weights, weights=experts)
     if expert_ids.dim() != 2 or expert_ids.shape[0] != T or expert_weights.shape != expert_ids.shape:
         raise ValueError(
             f"expected expert_ids and expert_weights [T={T}, k], got {list(expert_ids.shape)} and "
@@ -126,7 +137,7 @@ def experts_triton_tables(
         down_config = select_config(num_pairs, H, D, x.dtype, num_experts=num_experts)
 
     plan = build_dispatch_plan(
-        expert_ids, num_routed, num_shared_experts=num_shared, block_m=gate_up_config.block_m
+        expert_ids, num_routed, num_shared_experts=num_shared, block_m=gate_up_config.block_m, check_ids=check_ids
     )
     pair_weights = expert_weights.to(torch.float32)
     if num_shared > 0:

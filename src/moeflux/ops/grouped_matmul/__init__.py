@@ -149,26 +149,25 @@ class WeightTable:
         num_matrices, (rows, cols) = len(matrices[0]), first.shape
         shape, dtype, device = first.shape, first.dtype, first.device
         column_major = _layout(rows, cols, *first.stride())[0]
-        # Checks and gathering in one pass: this runs on every call of the competition's entry point.
-        addresses: list[list[int]] = [[] for _ in range(num_matrices)]
-        leading_strides = []
-        for e, expert in enumerate(matrices):
-            if len(expert) != num_matrices:
-                raise ValueError(f"expert {e} has {len(expert)} matrices, expert 0 has {num_matrices}")
-            strides = expert[0].stride()
-            expert_column_major, leading = _layout(rows, cols, *strides)
-            for m, matrix in enumerate(expert):
-                if (matrix.shape, matrix.stride(), matrix.dtype, matrix.device, expert_column_major) != (
-                    shape, strides, dtype, device, column_major
-                ):  # fmt: skip
-                    raise ValueError(
-                        f"matrix {m} of expert {e} is {matrix.dtype} {list(matrix.shape)} with strides "
-                        f"{matrix.stride()} on {matrix.device}; expected {dtype} {list(shape)} on {device}, unit "
-                        f"stride along {'K' if column_major else 'N'} as in every matrix and strides {strides} "
-                        "as in its expert's first"
-                    )
-                addresses[m].append(matrix.data_ptr())
-            leading_strides.append(leading)
+        # This runs on every call of the competition's entry point (~100 matrices): check the
+        # whole set with cheap attribute reads first, and walk it slowly only to name a culprit.
+        strides = [expert[0].stride() for expert in matrices]
+        layouts = [_layout(rows, cols, *expert_strides) for expert_strides in strides]
+        device_index = first.get_device()
+        consistent = (
+            all(len(expert) == num_matrices for expert in matrices)
+            and all(layout[0] == column_major for layout in layouts)
+            and all(
+                m.shape == shape and m.dtype == dtype and m.get_device() == device_index and m.stride() == expert_strides
+                for expert, expert_strides in zip(matrices, strides)
+                for m in expert
+            )
+            and (first.is_cuda or all(m.device == device for expert in matrices for m in expert))
+        )
+        if not consistent:
+            _raise_first_mismatch(matrices, shape, dtype, device, column_major, rows, cols)
+        addresses = [[expert[m].data_ptr() for expert in matrices] for m in range(num_matrices)]
+        leading_strides = [layout[1] for layout in layouts]
         host_table = torch.tensor([*addresses, leading_strides], dtype=torch.int64)
         if first.is_cuda:
             host_table = host_table.pin_memory()
@@ -179,6 +178,26 @@ class WeightTable:
             dtype=dtype, align=_alignment([*sum(addresses, []), *(s * itemsize for s in leading_strides)]),
             tensors=tuple(matrix for expert in matrices for matrix in expert),
         )  # fmt: skip
+
+
+def _raise_first_mismatch(matrices, shape, dtype, device, column_major: bool, rows: int, cols: int) -> None:
+    """Name the first matrix of :meth:`WeightTable.from_matrices` that breaks its contract."""
+    num_matrices = len(matrices[0])
+    for e, expert in enumerate(matrices):
+        if len(expert) != num_matrices:
+            raise ValueError(f"expert {e} has {len(expert)} matrices, expert 0 has {num_matrices}")
+        strides = expert[0].stride()
+        expert_column_major = _layout(rows, cols, *strides)[0]
+        for m, matrix in enumerate(expert):
+            if (matrix.shape, matrix.stride(), matrix.dtype, matrix.device, expert_column_major) != (
+                shape, strides, dtype, device, column_major
+            ):  # fmt: skip
+                raise ValueError(
+                    f"matrix {m} of expert {e} is {matrix.dtype} {list(matrix.shape)} with strides "
+                    f"{matrix.stride()} on {matrix.device}; expected {dtype} {list(shape)} on {device}, unit "
+                    f"stride along {'K' if column_major else 'N'} as in every matrix and strides {strides} "
+                    "as in its expert's first"
+                )
 
 
 def _layout(rows: int, cols: int, stride_k: int, stride_n: int) -> tuple[bool, int]:
@@ -348,13 +367,21 @@ def moe_matmul_ogs_top1(
     *,
     config: GroupedMatmulConfig | None = None,
     backend: str = "triton",
+    check_ids: bool = True,
 ) -> torch.Tensor:
-    """``C[t] = A[t] @ W[expert_ids[t]]`` for ``A [T, K]``, ``W [E, K, N]``, ``expert_ids [T]``."""
+    """``C[t] = A[t] @ W[expert_ids[t]]`` for ``A [T, K]``, ``W [E, K, N]``, ``expert_ids [T]``.
+
+    ``check_ids`` verifies ``0 <= expert_ids < E`` (``IndexError`` otherwise) at the cost of one
+    host sync; see :func:`moeflux.ops.dispatch.build_dispatch_plan`."""
+    if A.dim() != 2 or W.dim() != 3:
+        raise ValueError(
+            f"moe_matmul_ogs_top1 expects A [T, K] and W [E, K, N]; got {list(A.shape)} and {list(W.shape)}"
+        )
     if expert_ids.shape != (A.shape[0],):
         raise ValueError(f"expert_ids must be [T] = [{A.shape[0]}], got {list(expert_ids.shape)}")
     if config is None:
         config = select_config(A.shape[0], W.shape[2], W.shape[1], A.dtype, num_experts=W.shape[0])
-    plan = build_dispatch_plan(expert_ids[:, None], W.shape[0], block_m=config.block_m)
+    plan = build_dispatch_plan(expert_ids[:, None], W.shape[0], block_m=config.block_m, check_ids=check_ids)
     return grouped_matmul(A, W, plan, gather=True, scatter=True, config=config, backend=backend)
 
 
