@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from moeflux.backends import resolve_backend
 from moeflux.config import MoEConfig
 from moeflux.layer import MoEAux, moe
-from moeflux.losses import load_balancing_loss, router_z_loss
 from moeflux.ops.routing import route
 from moeflux.weights import MoEWeights
 
@@ -150,12 +149,4 @@ def _moe_in_place(x: torch.Tensor, weights: dict[str, torch.Tensor], config: MoE
     # overlaps the router's kernels instead of delaying them.
     experts = ExpertTables.from_seed_weights(weights, config, dtype=x.dtype, device=x.device)
     out = experts_triton_tables(tokens, routing.expert_ids, routing.expert_weights, experts, check_ids=False)
-    aux = MoEAux(
-        router_probs=routing.router_probs,
-        expert_ids=routing.expert_ids,
-        expert_weights=routing.expert_weights,
-        tokens_per_expert=routing.tokens_per_expert,
-        load_balancing_loss=load_balancing_loss(routing.router_probs, routing.tokens_per_expert, config.top_k),
-        router_z_loss=router_z_loss(routing.logsumexp),
-    )
-    return out.view(x.shape), aux
+    return out.view(x.shape), MoEAux.from_routing(routing, config.top_k)

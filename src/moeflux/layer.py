@@ -12,7 +12,7 @@ from moeflux.backends import resolve_backend
 from moeflux.config import MoEConfig
 from moeflux.losses import load_balancing_loss, router_z_loss
 from moeflux.ops.experts import run_experts
-from moeflux.ops.routing import route
+from moeflux.ops.routing import Routing, route
 from moeflux.weights import MoEWeights
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -37,6 +37,18 @@ class MoEAux:
     tokens_per_expert: torch.Tensor
     load_balancing_loss: torch.Tensor
     router_z_loss: torch.Tensor
+
+    @classmethod
+    def from_routing(cls, routing: Routing, top_k: int) -> "MoEAux":
+        """The router's decisions plus both auxiliary losses computed from them."""
+        return cls(
+            router_probs=routing.router_probs,
+            expert_ids=routing.expert_ids,
+            expert_weights=routing.expert_weights,
+            tokens_per_expert=routing.tokens_per_expert,
+            load_balancing_loss=load_balancing_loss(routing.router_probs, routing.tokens_per_expert, top_k),
+            router_z_loss=router_z_loss(routing.logsumexp),
+        )
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         return {field.name: getattr(self, field.name) for field in fields(self)}
@@ -80,15 +92,7 @@ def moe(
     logits = F.linear(x_tokens, weights.router)
     routing = route(logits, top_k, normalize=normalize_topk, backend=backend)
     out = run_experts(x_tokens, routing.expert_ids, routing.expert_weights, weights, backend=backend)
-    aux = MoEAux(
-        router_probs=routing.router_probs,
-        expert_ids=routing.expert_ids,
-        expert_weights=routing.expert_weights,
-        tokens_per_expert=routing.tokens_per_expert,
-        load_balancing_loss=load_balancing_loss(routing.router_probs, routing.tokens_per_expert, top_k),
-        router_z_loss=router_z_loss(routing.logsumexp),
-    )
-    return out.view(x.shape), aux
+    return out.view(x.shape), MoEAux.from_routing(routing, top_k)
 
 
 def _check_inputs(x: torch.Tensor, weights: MoEWeights, top_k: int) -> None:
