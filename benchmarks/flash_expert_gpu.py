@@ -4,15 +4,12 @@
 
 1. Correctness: Triton forward and all four gradients against a float32 PyTorch reference
    (float32 and bfloat16, deterministic and atomic weight gradients, a hot expert, a pool of
-   E * H > 2**31 elements, and non-selected configs: expert-order dots, weight gradients
-   looping over H, one-stage loops, several tokens per token pass with 64-expert tensor-core
-   tiles); rel-L2 errors are printed; exit status 1 if any fails.
+   E * H > 2**31 elements, and non-default configs: token-order forward, weight gradients
+   looping over H, one-stage loops); rel-L2 errors are printed; exit status 1 if any fails.
 2. Copy bandwidth: one large device-to-device copy, (bytes read + written) / time.
 3. Timing (bfloat16, T = 8192, H in {1024, 2048}, K in {16, 64}, E in {65536, 1048576}):
    forward and forward+backward, medians of ``triton.testing.do_bench``, for
-   * ``triton``: moeflux's kernels, ``select_config``'s tiles (deterministic backward; atomic
-     as well), and the host's share: ``host ms``, the CPU time to issue one forward+backward
-     with the GPU idle (above the GPU's time, the GPU waits on the host);
+   * ``triton``: moeflux's kernels, default config (deterministic backward; atomic as well);
    * ``eager``: ``moeflux.ops.flash_expert.naive`` (gathers rows, computes in float32);
    * ``eager_bf16``: the same gather with bf16 ``bmm`` (no float32 copies), a leaner baseline.
    Forward bytes = K gathered rows of both pools per token + input + output. ``grad write
@@ -21,12 +18,9 @@
    of both pools again, grad_out, hidden, d_hidden, and the ``2 E H`` gradient writes) at
    the copy bandwidth; ``speed-up bound`` = eager fwd+bwd / that floor.
 4. ``--sweep``: per shape, each kernel alone under a handful of tile configs (the same
-   inputs, one kernel launch per timing), the best per kernel, then the whole op with
-   ``select_config``'s choice against the best tiles found, in token and in expert order,
-   and where the selected forward+backward's time goes: its kernels one after another (the
-   token pass fused and as dots + combine), the sort and expert starts beside them, the
-   host's time to issue it and a CUDA-graph replay of it (GPU time alone). It prints where
-   the selection differs from the best found.
+   inputs, one kernel launch per timing), the best per kernel, then the whole op with the
+   best tiles against the default, and the forward with and without the expert sort.
+   It prints a ``default_config`` suggestion per shape.
 5. A Markdown table on stdout, JSON (and the tables) under ``--out``.
 
 ``--smoke`` runs tiny shapes (also on the CPU with TRITON_INTERPRET=1) to check the script.
@@ -132,25 +126,21 @@ def check_case(name, T, H, E, K, dtype, deterministic, device, *, hot, config=No
     }  # fmt: skip
 
 
-def variant_config(T, H, E, K, dtype, variant):
-    """Configs other than select_config's that the sweep may pick, so that the GPU checks
-    cover them."""
-    config = kernels.select_config(T, K, H, E, dtype)
+def variant_config(H, K, dtype, variant):
+    """Non-default configs the sweep may pick, so that the GPU checks cover them."""
+    config = kernels.default_config(H, K, dtype)
     if variant == "dots in expert order, weight grads walk H":
         return config.replace(sorted_dots=True, expert_grads=config.expert_grads._replace(h_loop=True))
     if variant == "one-stage loops, stepping weight grads":
         return config.replace(
-            token_pass=Tiles(1, 64, 4, 1), sorted_dot=Tiles(8, 128, 4, 1), combine=Tiles(4, 128, 4, 1),
+            token_dot=Tiles(1, 64, 4, 1), sorted_dot=Tiles(8, 128, 4, 1), combine=Tiles(4, 128, 4, 1),
             expert_grads=Tiles(8, 64, 4, 1, False, 0),
         )  # fmt: skip
-    if variant == "4-token passes, 64-expert tensor-core tiles":
-        return config.replace(token_pass=Tiles(4, 64, 4, 4), expert_grads=Tiles(64, 64, 4, 2, False, 16))
     return None
 
 
 def run_checks(device, smoke):
-    variants = ["dots in expert order, weight grads walk H", "one-stage loops, stepping weight grads",
-                "4-token passes, 64-expert tensor-core tiles"]  # fmt: skip
+    variants = ["dots in expert order, weight grads walk H", "one-stage loops, stepping weight grads"]
     if smoke:
         cases = [("uniform", 16, 40, 50, 3, False, None), ("hot + duplicates", 24, 33, 20, 4, True, None)]
         cases += [(v, 12, 40, 30, 3, True, v) for v in variants]
@@ -165,7 +155,7 @@ def run_checks(device, smoke):
     for name, T, H, E, K, hot, variant in cases:
         for dtype in (torch.float32, torch.bfloat16):
             for deterministic in (True, False):
-                config = variant_config(T, H, E, K, dtype, variant)
+                config = variant_config(H, K, dtype, variant)
                 try:
                     result = check_case(name, T, H, E, K, dtype, deterministic, device, hot=hot, config=config)
                 except Exception as error:  # a failed compile or launch is a failed check
@@ -229,13 +219,11 @@ IMPLEMENTATIONS = {
 }
 
 
-def measure(impl, inputs, grad_out, phase):
-    """ms of ``phase``: ``fwd``, ``fwd_bwd`` (GPU time as ``do_bench`` sees it) or
-    ``fwd_bwd_host`` (the host's time to issue a forward+backward)."""
+def measure(impl, inputs, grad_out, backward):
     hidden, down, up, indices, routing_weights = inputs
     leaves = [hidden, down, up, routing_weights]
     fn = IMPLEMENTATIONS[impl]
-    if phase == "fwd":
+    if not backward:
 
         def forward():
             with torch.no_grad():
@@ -246,14 +234,12 @@ def measure(impl, inputs, grad_out, phase):
     def forward_backward():
         fn(hidden, down, up, indices, routing_weights).backward(grad_out)
 
-    if phase == "fwd_bwd_host":
-        return host_ms(forward_backward, leaves)
     return time_ms(forward_backward, grad_to_none=leaves)
 
 
-MEASUREMENTS = [  # (implementation, phase)
-    ("triton", "fwd"), ("triton", "fwd_bwd"), ("triton", "fwd_bwd_host"), ("triton_atomic", "fwd_bwd"),
-    ("eager", "fwd"), ("eager", "fwd_bwd"), ("eager_bf16", "fwd"), ("eager_bf16", "fwd_bwd"),
+MEASUREMENTS = [  # (implementation, with backward)
+    ("triton", False), ("triton", True), ("triton_atomic", True),
+    ("eager", False), ("eager", True), ("eager_bf16", False), ("eager_bf16", True),
 ]  # fmt: skip
 
 
@@ -281,14 +267,14 @@ def run_timings(device, copy_gbps, smoke, started):
         row = {"T": T, "H": H, "K": K, "E": E, "dtype": "bfloat16", "forward_bytes": forward_bytes,
                "backward_bytes": backward_bytes, "grad_write_floor_ms": grad_write_bytes * to_ms,
                "fwd_bwd_floor_ms": floor_ms}  # fmt: skip
-        for impl, phase in MEASUREMENTS:
-            key = f"{impl}_{phase}_ms"
+        for impl, backward in MEASUREMENTS:
+            key = f"{impl}_{'fwd_bwd' if backward else 'fwd'}_ms"
             if impl.startswith("eager") and time.perf_counter() - started > TIME_BUDGET_S:
                 row[key] = None
                 row[f"{key}_error"] = "skipped: time budget"
                 continue
             try:
-                row[key] = measure(impl, inputs, grad_out, phase)
+                row[key] = measure(impl, inputs, grad_out, backward)
             except Exception as error:  # out of memory, or a kernel that fails: note it, go on
                 row[key] = None
                 row[f"{key}_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
@@ -318,9 +304,9 @@ def run_timings(device, copy_gbps, smoke, started):
 
 HEADER = (
     "| T | H | K | E | triton fwd ms | GB/s | % copy | eager fwd ms | speed-up | eager_bf16 fwd ms | speed-up "
-    "| triton fwd+bwd ms | host ms | atomic fwd+bwd ms | eager fwd+bwd ms | speed-up | eager_bf16 fwd+bwd ms "
-    "| speed-up | grad write floor ms | fwd+bwd floor ms | speed-up bound |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    "| triton fwd+bwd ms | atomic fwd+bwd ms | eager fwd+bwd ms | speed-up | eager_bf16 fwd+bwd ms | speed-up "
+    "| grad write floor ms | fwd+bwd floor ms | speed-up bound |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -333,7 +319,7 @@ def markdown_row(row) -> str:
         f"| {row['T']} | {row['H']} | {row['K']} | {row['E']} | {f('triton_fwd_ms')} | {f('triton_fwd_GBps', '.0f')} "
         f"| {f('triton_fwd_pct_of_copy', '.0f', '%')} | {f('eager_fwd_ms')} | {f('speedup_fwd_vs_eager', '.1f', 'x')} "
         f"| {f('eager_bf16_fwd_ms')} | {f('speedup_fwd_vs_eager_bf16', '.1f', 'x')} | {f('triton_fwd_bwd_ms')} "
-        f"| {f('triton_fwd_bwd_host_ms')} | {f('triton_atomic_fwd_bwd_ms')} | {f('eager_fwd_bwd_ms')} | {f('speedup_fwd_bwd_vs_eager', '.1f', 'x')} "
+        f"| {f('triton_atomic_fwd_bwd_ms')} | {f('eager_fwd_bwd_ms')} | {f('speedup_fwd_bwd_vs_eager', '.1f', 'x')} "
         f"| {f('eager_bf16_fwd_bwd_ms')} | {f('speedup_fwd_bwd_vs_eager_bf16', '.1f', 'x')} "
         f"| {f('grad_write_floor_ms')} | {f('fwd_bwd_floor_ms')} | {f('max_speedup_fwd_bwd_vs_eager', '.1f', 'x')} |"
     )
@@ -345,14 +331,13 @@ def markdown_row(row) -> str:
 
 
 def sweep_candidates(kernel, H, K, smoke):
-    """A handful of tiles per kernel: the selection's neighbours in rows, block_h, warps and
-    stages (each Tiles(rows, block_h, num_warps, num_stages, h_loop, block_p))."""
-    if kernel == "token_pass":
+    """A handful of tiles per kernel: the default's neighbours in rows, block_h, warps and
+    stages (each Tiles(rows, block_h, num_warps, num_stages, h_loop))."""
+    if kernel == "token_dot":
         block_k = max(2, triton.next_power_of_2(K))
         # (elements per step, block_h, warps, stages): rows = elements / (block_k * block_h)
         shapes = [(8192, 256, 8, 3), (4096, 256, 4, 3), (4096, 128, 4, 4), (8192, 512, 8, 3),
-                  (8192, 128, 8, 3), (8192, 256, 8, 4), (4096, 64, 4, 4), (4096, 256, 4, 1),
-                  (4096, 64, 4, 3), (8192, 64, 8, 4), (2048, 64, 4, 4)]  # fmt: skip
+                  (8192, 128, 8, 3), (8192, 256, 8, 4), (4096, 64, 4, 4), (4096, 256, 4, 1)]  # fmt: skip
         found = []
         for elements, block_h, warps, stages in shapes:
             block_h = max(16, min(block_h, elements // block_k))
@@ -364,25 +349,23 @@ def sweep_candidates(kernel, H, K, smoke):
                  Tiles(32, 128, 4, 3), Tiles(16, 256, 8, 4), Tiles(32, 256, 8, 3), Tiles(16, 256, 8, 1)]  # fmt: skip
     elif kernel == "combine":
         found = [Tiles(16, 256, 4, 3), Tiles(16, 256, 4, 4), Tiles(8, 256, 4, 4), Tiles(8, 512, 4, 3),
-                 Tiles(32, 128, 4, 3), Tiles(16, 128, 4, 4), Tiles(4, 512, 4, 4), Tiles(32, 256, 8, 3)]  # fmt: skip
+                 Tiles(32, 128, 4, 3), Tiles(16, 128, 4, 4), Tiles(4, 512, 4, 4), Tiles(16, 256, 4, 1),
+                 Tiles(32, 256, 8, 3)]  # fmt: skip
     else:  # Tiles(rows, block_h, warps, stages, h_loop, block_p): block_p > 0 = tensor cores
-        found = [Tiles(32, 64, 4, 2, None, 16), Tiles(64, 64, 4, 2, None, 16), Tiles(32, 64, 4, 2, True, 16),
-                 Tiles(32, 64, 4, 2, False, 16), Tiles(32, 128, 4, 2, None, 16), Tiles(32, 64, 8, 2, None, 16),
-                 Tiles(32, 64, 4, 1, None, 16), Tiles(16, 64, 4, 2, None, 16), Tiles(64, 64, 4, 1, None, 16),
-                 Tiles(32, 64, 4, 3, None, 32), Tiles(16, 64, 4, 3, None, 32),
-                 Tiles(16, 128, 4, 2, None, 0), Tiles(16, 128, 4, 1, None, 0), Tiles(32, 128, 8, 2, None, 0),
-                 Tiles(16, 256, 8, 2, None, 0), Tiles(8, 128, 4, 2, None, 0), Tiles(16, 64, 4, 2, True, 0)]  # fmt: skip
+        found = [Tiles(32, 64, 4, 3, False, 32), Tiles(32, 64, 4, 3, True, 32), Tiles(64, 64, 4, 2, None, 16),
+                 Tiles(64, 64, 4, 3, None, 16), Tiles(32, 64, 4, 2, None, 16), Tiles(128, 64, 8, 2, None, 16),
+                 Tiles(64, 64, 8, 2, None, 32), Tiles(16, 64, 4, 3, None, 32), Tiles(32, 128, 4, 3, None, 32),
+                 Tiles(16, 128, 4, 2, False, 0), Tiles(16, 128, 4, 3, False, 0),
+                 Tiles(16, 64, 4, 2, True, 0)]  # fmt: skip
     return found[:2] if smoke else found
 
 
-SWEPT = ("token_pass", "sorted_dot", "combine", "expert_grads")
+SWEPT = ("token_dot", "sorted_dot", "combine", "expert_grads")
 
 
 def sweep_kernels(inputs, grad_out, pairs, base, copy_gbps, smoke):
     """Each kernel alone under its candidate tiles (one launch per timing, on its own
-    buffers, freed on return): ``({kernel: results}, {kernel: fastest tiles})``. Also, under
-    the selected tiles: the dots alone (the token pass without its combine) and the backward
-    token pass, and the sort's parts, so that the whole op can be laid against its pieces."""
+    buffers, freed on return): ``({kernel: results}, {kernel: fastest tiles})``."""
     hidden, down, up, indices, routing_weights = inputs
     T, H = hidden.shape
     E, K = down.shape[0], indices.shape[1]
@@ -390,17 +373,15 @@ def sweep_kernels(inputs, grad_out, pairs, base, copy_gbps, smoke):
     device = hidden.device
     starts = kernels.expert_starts(pairs, E)
     distinct = int(torch.unique(indices).numel())
-    scores = torch.randn(T, K, device=device)
+    scores = torch.empty(T, K, device=device, dtype=torch.float32)
     coef = torch.empty(T, K, device=device, dtype=torch.float32)
     grad_score = torch.randn(T, K, device=device) * 0.1
-    grad_routing = torch.empty(T, K, device=device, dtype=routing_weights.dtype)
     out = torch.empty(T, H, device=device, dtype=hidden.dtype)
     grad_down, grad_up = torch.empty_like(down), torch.empty_like(up)
     P = T * K
     work = {  # kernel: (one launch under a config, compulsory bytes)
-        "token_pass": (lambda c: kernels.launch_dots(hidden, down, indices, routing_weights, scores, coef,
-                                                     combine_pool=up, out=out, config=c),
-                       2 * (P + T) * H * element),
+        "token_dot": (lambda c: kernels.launch_dots(hidden, down, indices, routing_weights, scores, coef, config=c),
+                      (P + T) * H * element),
         "sorted_dot": (lambda c: kernels.launch_dots(hidden, down, indices, routing_weights, scores, coef,
                                                      pairs=pairs, config=c), (distinct + T) * H * element),
         "combine": (lambda c: kernels.launch_combine(up, indices, coef, out, config=c), (P + T) * H * element),
@@ -411,10 +392,10 @@ def sweep_kernels(inputs, grad_out, pairs, base, copy_gbps, smoke):
     results, best = {"distinct_experts": distinct}, {}
     for kernel in SWEPT:
         launch, nbytes = work[kernel]
-        selected = getattr(base, kernel)
+        default_tiles = getattr(base, kernel)
         candidates = sweep_candidates(kernel, H, K, smoke)
-        if selected not in candidates:
-            candidates = [selected, *candidates]
+        if default_tiles not in candidates:
+            candidates = [default_tiles, *candidates]
         timings = []
         for tiles in candidates:
             try:
@@ -424,112 +405,40 @@ def sweep_kernels(inputs, grad_out, pairs, base, copy_gbps, smoke):
                 timings.append({"tiles": list(tiles), "ms": None, "error": f"{type(error).__name__}: {error}"[:300]})
         ok = [t for t in timings if t["ms"] is not None]
         fastest = min(ok, key=lambda t: t["ms"]) if ok else None
-        best[kernel] = Tiles(*fastest["tiles"]) if fastest else selected
-        selected_ms = next((t["ms"] for t in timings if t["tiles"] == list(selected)), None)
-        results[kernel] = {"bytes": nbytes, "selected": list(selected), "selected_ms": selected_ms,
+        best[kernel] = Tiles(*fastest["tiles"]) if fastest else default_tiles
+        default_ms = next((t["ms"] for t in timings if t["tiles"] == list(default_tiles)), None)
+        results[kernel] = {"bytes": nbytes, "default": list(default_tiles), "default_ms": default_ms,
                            "best": fastest, "all": timings}  # fmt: skip
         ranked = sorted(ok, key=lambda t: t["ms"])
         listing = "  ".join(f"{tuple(t['tiles'])}:{t['ms']:.3f}" for t in ranked[:4])
         failed = len(timings) - len(ok)
         print(
-            f"  {kernel:12s} selected {fmt_ms(selected_ms)} ms -> best {fmt_ms(fastest and fastest['ms'])} ms "
+            f"  {kernel:12s} default {fmt_ms(default_ms)} ms -> best {fmt_ms(fastest and fastest['ms'])} ms "
             f"({pct(fastest and fastest['GBps'], copy_gbps)} of copy on {nbytes / 1e9:.2f} GB)  top: {listing}"
             + (f"  [{failed} failed]" if failed else "")
         )
         sys.stdout.flush()
-    parts = {  # under the selected tiles
-        "dots_alone": lambda: kernels.launch_dots(hidden, down, indices, routing_weights, scores, coef, config=base),
-        "token_pass_backward": lambda: kernels.launch_dots(
-            grad_out, up, indices, routing_weights, scores, coef, grad_score, grad_routing, combine_pool=down,
-            out=out, config=base,
-        ),
-        "sort": lambda: kernels.sort_pairs(indices),
-        "expert_starts": lambda: kernels.expert_starts(pairs, E),
-        # Not on the default path (the weight-gradient kernels write the zero rows): the
-        # price of the [E, H] writes alone, for scale.
-        "zero_grads": lambda: (torch.zeros_like(down), torch.zeros_like(up)),
-    }
-    for name, fn in parts.items():
-        try:
-            results[f"{name}_ms"] = time_ms(fn, quick=True)
-        except Exception as error:
-            results[f"{name}_ms"] = None
-            results[f"{name}_ms_error"] = f"{type(error).__name__}: {error}"[:300]
     return results, best
 
 
-def host_ms(fn, leaves, repeats=20) -> float | None:
-    """Median host milliseconds to issue ``fn`` (kernel launches, allocations, autograd): the
-    GPU is idle at each start, so no call waits on it and the time is the CPU's alone. When
-    it exceeds the GPU time, the GPU waits on the host."""
-    if not torch.cuda.is_available():
-        return None
-    times = []
-    for _ in range(repeats + 3):
-        for leaf in leaves:
-            leaf.grad = None
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    torch.cuda.synchronize()
-    return 1e3 * sorted(times[3:])[repeats // 2]
-
-
-def graph_ms(fn, leaves) -> float:
-    """Milliseconds of ``fn`` captured in a CUDA graph and replayed: GPU time without the
-    host's (the gradients accumulate into the graph's own buffers)."""
-    torch.cuda.empty_cache()  # the graph's pool cannot take cached blocks, nor free them mid-capture
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            for leaf in leaves:
-                leaf.grad = None
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    for leaf in leaves:
-        leaf.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    try:
-        return time_ms(graph.replay, quick=True)
-    finally:
-        for leaf in leaves:
-            leaf.grad = None
-        del graph
-
-
 def sweep_shape(T, H, K, E, device, copy_gbps, smoke):
-    """Time each kernel alone under its candidate tiles, then the whole op with the selected
-    tiles (select_config) against the best found."""
+    """Time each kernel alone under its candidate tiles, then the whole op with the best."""
     dtype = torch.bfloat16
     element = 2
     hidden, down, up, indices, routing_weights = make_inputs(T, H, E, K, dtype, device, seed=2)
     grad_out = torch.randn(T, H, device=device, dtype=dtype)
     pairs = kernels.sort_pairs(indices)
-    base = kernels.select_config(T, K, H, E, dtype)
+    base = kernels.default_config(H, K, dtype)
     found, best = sweep_kernels((hidden, down, up, indices, routing_weights), grad_out, pairs, base, copy_gbps, smoke)
-    shape = {"T": T, "H": H, "K": K, "E": E, "distinct_experts": found.pop("distinct_experts"),
-             "selected_config": {**{k: list(getattr(base, k)) for k in SWEPT}, "sorted_dots": base.sorted_dots}}  # fmt: skip
-    shape.update({key: found.pop(key) for key in list(found) if key.endswith(("_ms", "_ms_error"))})
-    shape["kernels"] = found
-    ms = {kernel: found[kernel]["selected_ms"] for kernel in SWEPT}
-    if ms["token_pass"] and shape["dots_alone_ms"] and found["combine"]["best"]:
-        # The forward's token pass fused against its two halves launched one after the other.
-        shape["unfused_token_pass_ms"] = shape["dots_alone_ms"] + found["combine"]["best"]["ms"]
-    # The kernels of a forward+backward under the selection, one after another (the sort
-    # runs beside the backward's token pass, on its own stream, unless the dots are sorted).
-    if base.sorted_dots:
-        passes = [shape["sort_ms"], ms["sorted_dot"], ms["combine"], ms["sorted_dot"], ms["combine"]]
-    else:
-        passes = [ms["token_pass"], shape["token_pass_backward_ms"]]
-    pieces = [*passes, ms["expert_grads"]]
-    shape["kernel_sum_ms"] = sum(pieces) if all(p is not None for p in pieces) else None
+    shape = {"T": T, "H": H, "K": K, "E": E, "distinct_experts": found.pop("distinct_experts"), "kernels": found}
 
-    # The whole op: the selection against the best tiles, token vs expert order.
-    tuned = base.replace(**best, sorted_dots=False)
+    # Floors and the sort, for scale.
+    shape["sort_ms"] = time_ms(lambda: kernels.sort_pairs(indices), quick=True)
+    shape["expert_starts_ms"] = time_ms(lambda: kernels.expert_starts(pairs, E), quick=True)
+    shape["zero_grads_ms"] = time_ms(lambda: (torch.zeros_like(down), torch.zeros_like(up)), quick=True)
+
+    # The whole op: default tiles vs the best, and the forward in token vs expert order.
+    tuned = base.replace(**best)
     sorted_tuned = tuned.replace(sorted_dots=True)
     leaves = [t.requires_grad_() for t in (hidden, down, up, routing_weights)]
 
@@ -542,55 +451,37 @@ def sweep_shape(T, H, K, E, device, copy_gbps, smoke):
         flash_expert(hidden, down, up, indices, routing_weights, check_indices=False, backend="triton",
                      config=config).backward(grad_out)  # fmt: skip
 
-    def fwd_bwd_ms(config):
-        return time_ms(lambda: forward_backward(config), grad_to_none=leaves, quick=True)
-
     full = {
-        "fwd_selected_ms": lambda: time_ms(lambda: forward(None), quick=True),
+        "fwd_default_ms": lambda: time_ms(lambda: forward(base), quick=True),
         "fwd_best_ms": lambda: time_ms(lambda: forward(tuned), quick=True),
         "fwd_best_expert_order_ms": lambda: time_ms(lambda: forward(sorted_tuned), quick=True),
-        "fwd_bwd_selected_ms": lambda: fwd_bwd_ms(None),
-        "fwd_bwd_best_ms": lambda: fwd_bwd_ms(tuned),
-        "fwd_bwd_best_expert_order_ms": lambda: fwd_bwd_ms(sorted_tuned),
-        "fwd_bwd_selected_host_ms": lambda: host_ms(lambda: forward_backward(None), leaves),
-        "fwd_bwd_selected_graph_ms": lambda: graph_ms(lambda: forward_backward(None), leaves)
-        if device.type == "cuda" else None,
+        "fwd_bwd_default_ms": lambda: time_ms(lambda: forward_backward(base), grad_to_none=leaves, quick=True),
+        "fwd_bwd_best_ms": lambda: time_ms(lambda: forward_backward(tuned), grad_to_none=leaves, quick=True),
+        "fwd_bwd_best_expert_order_ms": lambda: time_ms(
+            lambda: forward_backward(sorted_tuned), grad_to_none=leaves, quick=True
+        ),
     }
     for key, measure_fn in full.items():
         try:
             shape[key] = measure_fn()
         except Exception as error:
             shape[key] = None
-            shape[f"{key}_error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+            shape[f"{key}_error"] = f"{type(error).__name__}: {error}"[:300]
         for leaf in leaves:
             leaf.grad = None
     forward_bytes = T * K * H * 2 * element + 2 * T * H * element
-    token, expert = shape["fwd_bwd_best_ms"] or math.inf, shape["fwd_bwd_best_expert_order_ms"] or math.inf
-    expert_order = expert < token
+    expert_order = (shape["fwd_bwd_best_expert_order_ms"] or math.inf) < (shape["fwd_bwd_best_ms"] or math.inf)
     shape["best_config"] = {**{k: list(v) for k, v in best.items()}, "sorted_dots": expert_order}
-    best_found = min(token, expert)
-    if shape["fwd_bwd_selected_ms"] and best_found < math.inf:
-        shape["selected_over_best"] = shape["fwd_bwd_selected_ms"] / best_found
     print(
-        f"  whole op: fwd selected {fmt_ms(shape['fwd_selected_ms'])} / best {fmt_ms(shape['fwd_best_ms'])} ms "
+        f"  whole op: fwd default {fmt_ms(shape['fwd_default_ms'])} / best {fmt_ms(shape['fwd_best_ms'])} ms "
         f"({pct(shape['fwd_best_ms'] and forward_bytes / (shape['fwd_best_ms'] * 1e-3) / 1e9, copy_gbps)} of copy), "
         f"expert order {fmt_ms(shape['fwd_best_expert_order_ms'])} ms incl. sort {fmt_ms(shape['sort_ms'])}; "
-        f"fwd+bwd selected {fmt_ms(shape['fwd_bwd_selected_ms'])} / best {fmt_ms(shape['fwd_bwd_best_ms'])} / "
-        f"expert order {fmt_ms(shape['fwd_bwd_best_expert_order_ms'])} ms "
-        f"(selected / best found {fmt_ratio(shape.get('selected_over_best'))})"
+        f"fwd+bwd default {fmt_ms(shape['fwd_bwd_default_ms'])} / best {fmt_ms(shape['fwd_bwd_best_ms'])} / "
+        f"expert order {fmt_ms(shape['fwd_bwd_best_expert_order_ms'])} ms; zeroing both grads "
+        f"{fmt_ms(shape['zero_grads_ms'])} ms, expert starts {fmt_ms(shape['expert_starts_ms'])} ms"
     )
-    print(
-        f"  where the selected fwd+bwd goes: kernels {fmt_ms(shape['kernel_sum_ms'])} ms in sequence "
-        f"(token pass fwd {fmt_ms(ms['token_pass'])} [dots alone {fmt_ms(shape['dots_alone_ms'])}, "
-        f"unfused {fmt_ms(shape.get('unfused_token_pass_ms'))}], bwd {fmt_ms(shape['token_pass_backward_ms'])}, "
-        f"weight grads {fmt_ms(ms['expert_grads'])}; beside them sort {fmt_ms(shape['sort_ms'])} + expert starts "
-        f"{fmt_ms(shape['expert_starts_ms'])}); host {fmt_ms(shape['fwd_bwd_selected_host_ms'])} ms to issue it; "
-        f"CUDA graph replay {fmt_ms(shape['fwd_bwd_selected_graph_ms'])} ms; zero-filling both grads would take "
-        f"{fmt_ms(shape['zero_grads_ms'])} ms"
-    )
-    differ = [f"{k} {tuple(getattr(base, k))} -> {tuple(v)}" for k, v in best.items() if tuple(v) != tuple(getattr(base, k))]
-    differ += [f"sorted_dots {base.sorted_dots} -> {expert_order}"] if expert_order != base.sorted_dots else []
-    print(f"  selection vs best (T={T}, H={H}, K={K}, E={E}): " + ("; ".join(differ) if differ else "same tiles"))
+    tiles = ", ".join(f"{k}={tuple(v)}" for k, v in best.items())
+    print(f"  suggested (H={H}, K={K}): {tiles}, sorted_dots={expert_order}")
     sys.stdout.flush()
     return shape
 
@@ -603,32 +494,21 @@ def pct(gbps, copy_gbps) -> str:
     return "n/a" if not gbps or not copy_gbps else f"{100 * gbps / copy_gbps:.0f}%"
 
 
-def fmt_ratio(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
 def sweep_markdown(shapes) -> str:
-    """Per shape: each kernel's selected and best ms with the best tiles, the whole op with
-    the selection against the best found, and where its time goes."""
-    lines = ["\n## tile sweep\n", "| H | K | E | kernel | selected tiles | selected ms | best ms | best tiles |"]
-    lines.append("|---|---|---|---|---|---|---|---|")
+    """Per shape: each kernel's default and best ms with the best tiles, and the whole op."""
+    lines = ["\n## tile sweep\n", "| H | K | E | kernel | default ms | best ms | best tiles |"]
+    lines.append("|---|---|---|---|---|---|---|")
     for shape in shapes:
-        head = f"| {shape['H']} | {shape['K']} | {shape['E']}"
         for kernel, found in shape.get("kernels", {}).items():
             best = found["best"] or {}
             lines.append(
-                f"{head} | {kernel} | {tuple(found['selected'])} | {fmt_ms(found['selected_ms'])} "
+                f"| {shape['H']} | {shape['K']} | {shape['E']} | {kernel} | {fmt_ms(found['default_ms'])} "
                 f"| {fmt_ms(best.get('ms'))} | {tuple(best.get('tiles', ()))} |"
             )
-        whole = ("fwd_selected_ms", "fwd_best_ms", "fwd_best_expert_order_ms", "fwd_bwd_selected_ms", "fwd_bwd_best_ms",
+        whole = ("fwd_default_ms", "fwd_best_ms", "fwd_best_expert_order_ms", "fwd_bwd_default_ms", "fwd_bwd_best_ms",
                  "fwd_bwd_best_expert_order_ms")  # fmt: skip
         summary = ", ".join(f"{key.removesuffix('_ms')} {fmt_ms(shape.get(key))}" for key in whole)
-        lines.append(f"{head} | whole op | | | | {summary}, selected / best found "
-                     f"{fmt_ratio(shape.get('selected_over_best'))} |")  # fmt: skip
-        parts = ("kernel_sum_ms", "fwd_bwd_selected_host_ms", "fwd_bwd_selected_graph_ms", "dots_alone_ms",
-                 "unfused_token_pass_ms", "token_pass_backward_ms", "sort_ms", "expert_starts_ms", "zero_grads_ms")  # fmt: skip
-        summary = ", ".join(f"{key.removesuffix('_ms')} {fmt_ms(shape.get(key))}" for key in parts)
-        lines.append(f"{head} | parts (selected) | | | | {summary} |")
+        lines.append(f"| {shape['H']} | {shape['K']} | {shape['E']} | whole op | | | {summary} |")
     return "\n".join(lines) + "\n"
 
 

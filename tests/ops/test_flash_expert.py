@@ -1,9 +1,7 @@
 """Flash expert: Triton kernels and the torch path against float64 math written here,
 token by token and slot by slot, plus input validation."""
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -172,9 +170,8 @@ def test_triton_deterministic_gradients_are_bitwise_reproducible(small_tiles):
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["combine in the dots launch", "combine launched alone"])
 @pytest.mark.parametrize("sorted_pairs", [False, True], ids=["token order", "expert order"])
-def test_triton_launchers_write_every_element(sorted_pairs, fused):
+def test_triton_launchers_write_every_element(sorted_pairs):
     """The launchers fill caller-given NaN buffers completely (the weight kernel included
     rows of unused experts, which it writes as zeros)."""
     T, H, E, K = 5, 40, 12, 3
@@ -186,19 +183,11 @@ def test_triton_launchers_write_every_element(sorted_pairs, fused):
         return torch.full(shape, math.nan)
 
     out, scores, coef = nan(T, H), nan(T, K), nan(T, K)
-    grad_routing, grad_score, grad_coef, grad_hidden = nan(T, K), nan(T, K), nan(T, K), nan(T, H)
-    if fused:
-        kernels.launch_dots(hidden, down, indices, routing_weights, scores, coef, combine_pool=up, out=out,
-                            pairs=pairs)  # fmt: skip
-        kernels.launch_dots(grad_out, up, indices, routing_weights, scores, grad_coef, grad_score, grad_routing,
-                            combine_pool=down, out=grad_hidden, pairs=pairs)  # fmt: skip
-    else:
-        kernels.launch_dots(hidden, down, indices, routing_weights, scores, coef, pairs=pairs)
-        kernels.launch_combine(up, indices, coef, out)
-        kernels.launch_dots(grad_out, up, indices, routing_weights, scores, grad_coef, grad_score, grad_routing,
-                            pairs=pairs)  # fmt: skip
-        kernels.launch_combine(down, indices, grad_score, grad_hidden)
-    torch.testing.assert_close(grad_coef, coef)  # the backward writes the coefficients again
+    kernels.launch_dots(hidden, down, indices, routing_weights, scores, coef, pairs=pairs)
+    kernels.launch_combine(up, indices, coef, out)
+    grad_routing, grad_score, coef, grad_hidden = nan(T, K), nan(T, K), nan(T, K), nan(T, H)
+    kernels.launch_dots(grad_out, up, indices, routing_weights, scores, coef, grad_score, grad_routing, pairs=pairs)
+    kernels.launch_combine(down, indices, grad_score, grad_hidden)
     grad_down, grad_up = nan(E, H), nan(E, H)
     kernels.launch_expert_grads(hidden, grad_out, kernels.sort_pairs(indices), grad_score, coef, grad_down, grad_up)
     for name, buffer in locals().copy().items():
@@ -263,7 +252,7 @@ def test_expert_grads_segments(case, tiles, monkeypatch, interpreter_tensor_core
     hidden = torch.randn(T, H, generator=generator).to(dtype)
     grad_out = torch.randn(T, H, generator=generator).to(dtype)
     grad_score, coef = torch.randn(T, K, generator=generator), torch.randn(T, K, generator=generator)
-    base = kernels.select_config(T, K, H, E, dtype)
+    base = kernels.default_config(H, K, dtype)
     config = base.replace(expert_grads=kernels.Tiles(rows, block_h, 4, 2, h_loop, block_p))
 
     def run_kernel():
@@ -299,7 +288,7 @@ def test_tensor_core_weight_grads_keep_float32_coefficients(interpreter_tensor_c
     grad_score = torch.tensor([[1 + 2**-12], [-1.0]])
     coef = -grad_score
     grad_down, grad_up = (torch.full((8, 16), math.nan, dtype=torch.bfloat16) for _ in range(2))
-    config = kernels.select_config(2, 1, 16, 8).replace(expert_grads=kernels.Tiles(16, 16, 4, 2, None, 16))
+    config = kernels.default_config(16, 1).replace(expert_grads=kernels.Tiles(16, 16, 4, 2, None, 16))
     kernels.launch_expert_grads(ones, ones, kernels.sort_pairs(indices), grad_score, coef, grad_down, grad_up,
                                 config=config)  # fmt: skip
     assert (grad_down[3] == 2**-12).all() and (grad_up[3] == -(2**-12)).all()
@@ -323,11 +312,8 @@ CONFIG_VARIANTS = [
     ("weight grads walk all of H", dict(expert_grads=kernels.Tiles(4, 16, 4, 1, True))),
     ("weight grads split H, stepping kernel", dict(expert_grads=kernels.Tiles(2, 16, 4, 2, False, 0))),
     ("weight grads, tensor-core kernel (bfloat16 only)", dict(expert_grads=kernels.Tiles(16, 16, 4, 2, None, 16))),
-    ("weight grads, tensor-core kernel, 64-expert tiles walking H",
-     dict(expert_grads=kernels.Tiles(64, 16, 4, 2, True, 16))),
-    ("one-stage loops", dict(token_pass=kernels.Tiles(1, 16, 4, 1), sorted_dot=kernels.Tiles(2, 32, 4, 1),
+    ("one-stage loops", dict(token_dot=kernels.Tiles(1, 16, 4, 1), sorted_dot=kernels.Tiles(2, 32, 4, 1),
                              combine=kernels.Tiles(1, 16, 4, 1), sorted_dots=True)),
-    ("several tokens per token-pass program, four stages", dict(token_pass=kernels.Tiles(4, 16, 4, 4))),
 ]  # fmt: skip
 
 
@@ -339,144 +325,23 @@ def test_triton_config_variants(case, variant, dtype, poisoned_kernel_buffers, i
     _, T, H, E, K, pattern = case
     inputs = make_inputs(T, H, E, K, pattern, dtype)
     grad_out = torch.randn(T, H).to(dtype)
-    config = kernels.select_config(T, K, H, E, dtype).replace(**variant[1])
+    config = kernels.default_config(H, K, dtype).replace(**variant[1])
     actual = run(inputs, grad_out, backend="triton", config=config)
     check_against_reference(actual, inputs, grad_out, dtype)
 
 
-# --------------------------------------------------------------------------------------
-# config selection: pure Python, no kernel runs
-# --------------------------------------------------------------------------------------
-
-SWEEP_RESULTS = (
-    Path(__file__).resolve().parents[2]
-    / "benchmarks/results/flash-expert-h100-2026-11-25-b9ceb5d/flash_expert_gpu.json"
-)
-BENCH_T = 8192
-# (H, K, E) -> what select_config must pick at T = 8192 in bfloat16: token_pass, sorted_dot,
-# combine, expert_grads tiles and sorted_dots. These are the H100 sweep's fastest tiles at
-# the eight benchmark shapes (SWEEP_RESULTS), ties (within 0.5%) resolved to the rule.
-SWEPT_SHAPES = {
-    (1024, 16, 1 << 16): ((4, 64, 4, 4), (32, 128, 4, 3), (4, 512, 4, 4), (32, 64, 4, 2, None, 16), False),
-    (1024, 16, 1 << 20): ((1, 256, 4, 3), (32, 128, 4, 3), (4, 512, 4, 4), (64, 64, 4, 2, None, 16), False),
-    (1024, 64, 1 << 16): ((1, 64, 4, 3), (16, 256, 8, 1), (32, 256, 8, 3), (16, 128, 4, 2, None, 0), False),
-    (1024, 64, 1 << 20): ((1, 128, 8, 3), (32, 128, 4, 3), (32, 256, 8, 3), (32, 64, 4, 2, None, 16), False),
-    (2048, 16, 1 << 16): ((4, 64, 4, 4), (32, 128, 4, 3), (4, 512, 4, 4), (32, 64, 4, 2, None, 16), False),
-    (2048, 16, 1 << 20): ((1, 256, 4, 3), (32, 128, 4, 3), (4, 512, 4, 4), (64, 64, 4, 2, None, 16), False),
-    (2048, 64, 1 << 16): ((1, 64, 4, 3), (16, 256, 8, 1), (32, 256, 8, 3), (16, 128, 4, 2, None, 0), True),
-    (2048, 64, 1 << 20): ((1, 128, 8, 3), (32, 128, 4, 3), (32, 256, 8, 3), (32, 64, 4, 2, None, 16), False),
-}
-KERNELS = ("token_pass", "sorted_dot", "combine", "expert_grads")
-
-
-@pytest.mark.parametrize("shape", list(SWEPT_SHAPES), ids=[f"H={h},K={k},E={e}" for h, k, e in SWEPT_SHAPES])
-def test_select_config_at_the_benchmark_shapes(shape):
-    H, K, E = shape
-    *tiles, sorted_dots = SWEPT_SHAPES[shape]
-    config = kernels.select_config(BENCH_T, K, H, E, torch.bfloat16)
-    assert [getattr(config, kernel) for kernel in KERNELS] == [kernels.Tiles(*t) for t in tiles]
-    assert config.sorted_dots == sorted_dots
-
-
-def test_select_config_matches_the_sweep_evidence():
-    """Against the measurements themselves: each kernel the selection runs at a swept shape
-    is within 1% of the fastest tile found (the rest within 5%), and the dots' order is the
-    faster one. The kernels' tiles were timed alone; ``h_loop=None`` is the launcher's
-    automatic choice, ``T K < E``."""
-    if not SWEEP_RESULTS.exists():
-        pytest.skip(f"{SWEEP_RESULTS} not in this checkout")
-    sweep = json.loads(SWEEP_RESULTS.read_text())["sweep"]
-    assert len(sweep) == len(SWEPT_SHAPES)
-    for shape in sweep:
-        T, H, K, E = shape["T"], shape["H"], shape["K"], shape["E"]
-        config = kernels.select_config(T, K, H, E, torch.bfloat16)
-        assert config.sorted_dots == shape["best_config"]["sorted_dots"], (H, K, E)
-        runs = {"token_pass", "expert_grads"} | ({"sorted_dot", "combine"} if config.sorted_dots else set())
-        for kernel in KERNELS:
-            found = shape["kernels"].get(kernel) or shape["kernels"]["token_dot"]  # the dots alone, then
-            timed = {tuple(t["tiles"]): t["ms"] for t in found["all"] if t["ms"] is not None}
-            tiles = tuple(getattr(config, kernel))
-            if tiles not in timed:  # timed with h_loop spelled out
-                tiles = tuple(getattr(config, kernel)._replace(h_loop=T * K < E))
-            ratio = timed[tiles] / found["best"]["ms"]
-            assert ratio <= (1.01 if kernel in runs else 1.05), (H, K, E, kernel, tiles, ratio)
-
-
-def test_select_config_reuse_thresholds():
-    """Pairs per expert ``T K / E`` switches the weight-gradient kernel and its tile, the
-    token pass between cold and warm tiles, and (with long rows) the dots' order."""
-    E, K, H = 1 << 16, 16, 1024  # reuse = T / 4096
-
-    def select(T, H=H, dtype=torch.bfloat16):
-        return kernels.select_config(T, K, H, E, dtype)
-
-    assert select(4 * 4096).expert_grads == kernels.Tiles(16, 128, 4, 2, None, 0)  # reuse 4: per-pair
-    assert select(4 * 4096 - 1).expert_grads == kernels.Tiles(32, 64, 4, 2, None, 16)  # tensor cores
-    assert select(1024).expert_grads.rows == 32  # reuse 0.25
-    assert select(1023).expert_grads == kernels.Tiles(64, 64, 4, 2, None, 16)
-    assert select(4096).token_pass == kernels.Tiles(4, 64, 4, 4)  # reuse 1: warm rows
-    assert select(4095).token_pass == kernels.Tiles(1, 256, 4, 3)  # cold rows
-    # Expert order at reuse >= 8 with rows of >= 4 KiB: bfloat16 H = 2048, float32 H = 1024.
-    assert select(8 * 4096, H=2048).sorted_dots and not select(8 * 4096 - 1, H=2048).sorted_dots
-    assert not select(8 * 4096, H=1024).sorted_dots
-    assert select(8 * 4096, H=1024, dtype=torch.float32).sorted_dots
-    # Other dtypes never take the tensor-core kernel.
-    for dtype in (torch.float32, torch.float16):
-        assert select(1023, dtype=dtype).expert_grads.block_p == 0
-        assert select(8 * 4096, dtype=dtype).expert_grads.block_p == 0
-
-
-def test_select_config_slots_and_dtype():
-    """K picks the expert-order combine's tile; 32-bit rows are read in half as many elements."""
-    assert kernels.select_config(8192, 32, 1024, 1 << 16).combine == kernels.Tiles(32, 256, 8, 3)
-    assert kernels.select_config(8192, 31, 1024, 1 << 16).combine == kernels.Tiles(4, 512, 4, 4)
-    cold = kernels.select_config(8192, 16, 1024, 1 << 20, torch.float32)
-    assert cold.token_pass == kernels.Tiles(1, 128, 4, 3)  # 512 bytes of a float32 row
-    assert cold.expert_grads == kernels.Tiles(16, 128, 4, 2, None, 0)
-
-
-SMALL_SHAPES = [  # (T, K, H, E): tests' shapes, degenerate ones, and shapes beyond the sweep
-    (0, 3, 16, 6), (1, 1, 16, 8), (9, 3, 33, 10), (8, 7, 24, 5), (5, 0, 16, 4), (4, 2, 0, 3), (3, 2, 8, 0),
-    (1 << 16, 8, 4096, 1 << 22), (512, 128, 7168, 1 << 12), (8192, 1, 1, 1),
-]  # fmt: skip
-
-
-@pytest.mark.parametrize("budget", [8192, 64])
+@pytest.mark.parametrize("H, K", [(1024, 16), (2048, 64), (33, 7), (1, 1)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=str)
-def test_select_config_tiles_are_launchable(shape, dtype, budget, monkeypatch):
-    """Powers of two within the element budget at any shape (the tests lower the budget to 64),
-    tensor-core tiles >= 16 a side, and one cached answer per shape and budget."""
-    monkeypatch.setattr(kernels, "MAX_TILE_ELEMENTS", budget)
-    T, K, H, E = shape
-    config = kernels.select_config(T, K, H, E, dtype)
-    assert config is kernels.select_config(T, K, H, E, dtype)
-    for tiles in (config.token_pass, config.sorted_dot, config.combine, config.expert_grads):
-        assert tiles.rows >= 1 and tiles.block_h >= 16 and tiles.num_stages >= 1 and tiles.num_warps in (4, 8)
+def test_default_config_tiles(H, K, dtype):
+    config = kernels.default_config(H, K, dtype)
+    for tiles in (config.token_dot, config.sorted_dot, config.combine, config.expert_grads):
+        assert tiles.rows >= 1 and tiles.block_h >= 16 and tiles.num_stages >= 1
         assert tiles.rows & (tiles.rows - 1) == 0 and tiles.block_h & (tiles.block_h - 1) == 0
-    block_k = max(2, 1 << (K - 1).bit_length()) if K > 0 else 2
-    # Gathered elements per step within the budget (a token-pass tile covers all K slots).
-    assert config.token_pass.rows * block_k * config.token_pass.block_h <= max(budget, block_k * 16)
-    assert 2 * config.sorted_dot.rows * config.sorted_dot.block_h <= max(budget, 64)
-    assert config.combine.rows * config.combine.block_h <= max(budget, 16)
-    if config.expert_grads.block_p:
-        assert dtype == torch.bfloat16 and min(config.expert_grads.rows, config.expert_grads.block_h) >= 16
-
-
-def test_flash_expert_selects_by_its_shape(monkeypatch):
-    """With no config, every launch takes select_config's tiles for the call's T, K, H, E."""
-    seen = []
-    select = kernels.select_config
-
-    def spy(T, K, H, E, dtype=torch.bfloat16):
-        seen.append((T, K, H, E, dtype))
-        return select(T, K, H, E, dtype)
-
-    monkeypatch.setattr(kernels, "select_config", spy)
-    inputs = make_inputs(6, 20, 9, 3, "uniform", torch.float32)
-    run(inputs, torch.randn(6, 20), backend="triton")
-    run(inputs, torch.randn(6, 20), backend="triton", deterministic=False)
-    assert seen and set(seen) == {(6, 3, 20, 9, torch.float32)}
+    # Gathered elements per step stay within the budget (a token-dot tile covers all K slots).
+    block_k = max(2, 1 << (K - 1).bit_length())
+    assert config.token_dot.rows * block_k * config.token_dot.block_h <= max(
+        kernels.MAX_TILE_ELEMENTS, block_k * 16
+    )
 
 
 def test_triton_non_contiguous_inputs_and_int32_indices(small_tiles):

@@ -72,8 +72,7 @@ def flash_expert(
             through ``index_add``, which is atomic on CUDA.)
         config: Triton backend only: the kernels' tiles and whether the forward sorts the
             pairs by expert (:class:`moeflux.ops.flash_expert.triton.FlashExpertConfig`);
-            ``None`` picks them from the shape and dtype
-            (:func:`moeflux.ops.flash_expert.triton.select_config`).
+            ``None`` picks them from ``H``, ``K`` and the dtype.
 
     Returns:
         ``[T, H]`` in ``hidden_states``' dtype. ``T = 0`` gives an empty ``[0, H]`` tensor.

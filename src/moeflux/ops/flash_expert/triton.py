@@ -4,29 +4,27 @@ The op is memory-bound: its bytes are the ``K`` rows each token reads from both 
 kernel below is one streaming pass that sums in float32 in a fixed order (no atomics on the
 default path, so results are bitwise reproducible run to run).
 
-* ``_token_pass_kernel``: ``d = x[t] . pool[idx[t, j]]`` for a tile of tokens and all their
+* ``_token_dot_kernel``: ``d = x[t] . pool[idx[t, j]]`` for a tile of tokens and all their
   ``K`` slots. Forward: ``x = hidden``, ``pool = down``, ``d`` is the score. Backward:
   ``x = grad_out``, ``pool = up``, ``d = g``, the loss's gradient with respect to the slot's
-  coefficient ``w silu(score)``. A shared epilogue turns ``d`` into the per-pair terms; then
-  the same program combines ``out[t] = sum_j c[t, j] pool2[idx[t, j]]``: the forward output
-  (``c = w silu(score)``, ``pool2 = up``) and ``d_hidden`` (``c = d_score``, ``pool2 =
-  down``). So the forward is one launch of two passes over H (scores, then output), each
-  reading one pool once, and the backward one more plus the weight gradients.
+  coefficient ``w silu(score)``. A shared epilogue turns ``d`` into the per-pair terms.
 * ``_sorted_dot_kernel``: the same dots over the ``(token, slot)`` pairs sorted by expert
   (``config.sorted_dots``). A pool row picked by several tokens is then read by neighbouring
   pairs and comes from HBM about once, but the x rows (and the repeats) come through L2.
-  ``_combine_kernel`` then does the combine as a kernel of its own.
+* ``_combine_kernel``: ``out[t] = sum_j c[t, j] pool[idx[t, j]]``: the forward output
+  (``c = w silu(score)``, ``pool = up``) and ``d_hidden`` (``c = d_score``, ``pool = down``).
+  So the forward is two passes (scores, then output), each reading one pool once, and the
+  backward two more plus the weight gradients.
 * Weight gradients ``d_down[e] = sum d_score_p hidden[t_p]``, ``d_up[e] = sum coef_p
   grad_out[t_p]`` over expert ``e``'s segment of the pairs sorted by expert (a stable
   ``torch.sort``), for a tile of experts, writing every row exactly once (zeros for experts
   nobody picked), so the work is the compulsory ``[E, H]`` writes plus ``T K`` gathered rows:
 
-  - ``_expert_grads_mma_kernel`` (bfloat16, fewer than 4 pairs per expert): each step takes
-    a dense block of the tile's pairs and adds them into their experts' rows with a one-hot
-    matmul on tensor cores.
-  - ``_expert_grads_kernel`` (other dtypes, and bfloat16 with more pairs per expert): row r
-    of the tile steps through expert r's pairs; segments longer than ``LONG_SEGMENT`` (hot
-    experts) are summed a block of pairs at a time instead.
+  - ``_expert_grads_mma_kernel`` (bfloat16): each step takes a dense block of the tile's
+    pairs and adds them into their experts' rows with a one-hot matmul on tensor cores.
+  - ``_expert_grads_kernel`` (other dtypes): row r of the tile steps through expert r's
+    pairs; segments longer than ``LONG_SEGMENT`` (hot experts) are summed a block of pairs
+    at a time instead.
   - ``_atomic_expert_grads_kernel`` (``deterministic=False``): each pair adds its two rows
     into float32 ``[E, H]`` buffers with atomics: no sort, but run-to-run rounding
     differences and three passes over the float32 ``[E, H]`` (zero, accumulate, convert).
@@ -40,22 +38,14 @@ against the eager path (``naive.py``) that caps the speed-up at 4.2x / 4.6x and 
 so 10x is out of reach there and the kernels aim at the floor instead. At ``E = 2**16`` the
 caps are 13-16x.
 
-Tiles are a :class:`FlashExpertConfig` (one :class:`Tiles` per kernel); :func:`select_config`
-picks them from ``(T, K, H, E, dtype)`` by rules fitted to an H100 sweep, and callers may
-pass their own (``benchmarks/flash_expert_gpu.py --sweep`` times candidates and the rules'
-choice). Row offsets are ``int64 row * stride`` so pools beyond 2**31 elements address
-correctly.
-
-Host time: a forward+backward also issues the sort and its bookkeeping, allocations and
-autograd's own work. Where the kernels are short the GPU waits on the host: at T = 8192,
-H = 1024, K = 16, E = 2**16 the H100 run measured 1.24 ms for kernels that add up to 0.68 ms
-(at the other benchmark shapes the two agree within 0.1 ms). Hence three launches of ours
-per step, not five (the combine rides in the token pass), and the sweep's host-time column.
+Tiles are a :class:`FlashExpertConfig` (one :class:`Tiles` per kernel); :func:`default_config`
+picks them from ``(H, K, dtype)`` and callers may pass their own (``benchmarks/
+flash_expert_gpu.py --sweep`` times candidates). Row offsets are ``int64 row * stride`` so
+pools beyond 2**31 elements address correctly.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -96,21 +86,16 @@ def _pair_terms(
         tl.store(scores_ptr + o_pair, b_score, mask=m_pair)
     b_sigmoid = tl.sigmoid(b_score)
     b_silu = b_score * b_sigmoid
-    b_coef = b_weight * b_silu
     # The backward stores it again: the weight gradients read it by pair.
-    tl.store(coef_ptr + o_pair, b_coef, mask=m_pair)
+    tl.store(coef_ptr + o_pair, b_weight * b_silu, mask=m_pair)
     if BACKWARD:
         b_silu_grad = b_sigmoid * (1.0 + b_score * (1.0 - b_sigmoid))
-        b_grad_score = b_weight * b_silu_grad * b_dot
-        tl.store(grad_score_ptr + o_pair, b_grad_score, mask=m_pair)
+        tl.store(grad_score_ptr + o_pair, b_weight * b_silu_grad * b_dot, mask=m_pair)
         tl.store(grad_routing_ptr + o_pair, (b_silu * b_dot).to(grad_routing_ptr.dtype.element_ty), mask=m_pair)
-        b_coef = b_grad_score
-    # The pair's coefficient in the combine: w silu(s) forward, d_score backward (0 if masked).
-    return tl.where(m_pair, b_coef, 0.0)
 
 
 @triton.jit
-def _token_pass_kernel(
+def _token_dot_kernel(
     x_ptr,  # [T, H]: hidden (forward) or grad_out (backward)
     pool_ptr,  # [E, H]: down (forward) or up (backward)
     indices_ptr,  # [T, K] int32 or int64, contiguous
@@ -119,16 +104,12 @@ def _token_pass_kernel(
     coef_ptr,  # [T, K] float32
     grad_score_ptr,  # [T, K] float32, backward only
     grad_routing_ptr,  # [T, K], backward only
-    combine_pool_ptr,  # [E, H]: up (forward) or down (backward), COMBINE only
-    out_ptr,  # [T, H] contiguous: out (forward) or d_hidden (backward), COMBINE only
     T,
     H,
     K,
     stride_x_t,
     stride_pool_e,
-    stride_combine_e,
     BACKWARD: tl.constexpr,
-    COMBINE: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -156,25 +137,9 @@ def _token_pass_kernel(
         )  # [BLOCK_T, BLOCK_K, BLOCK_H]
         b_products += b_pool.to(tl.float32) * b_x.to(tl.float32)[:, None, :]
     b_dot = tl.sum(b_products, axis=2)  # [BLOCK_T, BLOCK_K]
-    b_coef = _pair_terms(
+    _pair_terms(
         b_dot, o_pair, m_tk, routing_weights_ptr, scores_ptr, coef_ptr, grad_score_ptr, grad_routing_ptr, BACKWARD
     )
-    if COMBINE:
-        # The same tokens' second pass: out[t] = sum_j c[t, j] combine_pool[idx[t, j]], the
-        # same [BLOCK_T, BLOCK_K, BLOCK_H] gathers as the dots, the K slots summed per chunk
-        # (a fixed order). One launch instead of two, and c never leaves registers.
-        combine_rows = combine_pool_ptr + b_expert * stride_combine_e  # [BLOCK_T, BLOCK_K]
-        out_rows = out_ptr + o_t * H  # [BLOCK_T]
-        for h_start in tl.range(0, H, BLOCK_H, num_stages=NUM_STAGES):
-            o_h = h_start + tl.arange(0, BLOCK_H)
-            m_h = o_h < H
-            b_pool = tl.load(
-                combine_rows[:, :, None] + o_h[None, None, :], mask=m_tk[:, :, None] & m_h[None, None, :], other=0.0
-            )  # [BLOCK_T, BLOCK_K, BLOCK_H]
-            b_out = tl.sum(b_pool.to(tl.float32) * b_coef[:, :, None], axis=1)  # [BLOCK_T, BLOCK_H]
-            tl.store(
-                out_rows[:, None] + o_h[None, :], b_out.to(out_ptr.dtype.element_ty), mask=m_t[:, None] & m_h[None, :]
-            )
 
 
 @triton.jit
@@ -510,7 +475,7 @@ def _atomic_expert_grads_kernel(
 
 
 class Tiles(NamedTuple):
-    """Tile of one kernel: ``rows`` per program (tokens for the token pass and the combine,
+    """Tile of one kernel: ``rows`` per program (tokens for the token dot and the combine,
     sorted pairs for the sorted dot, experts for the weight gradients) times ``block_h`` of H,
     plus the launch's warps and software-pipelining stages (``tl.range`` stages of the
     kernel's gather loop). Weight gradients only: ``h_loop``, whether one program walks all
@@ -532,15 +497,9 @@ class FlashExpertConfig:
     """Tiles for each kernel, and ``sorted_dots``: compute the dots over the pairs sorted by
     expert (the forward then sorts, and the backward reuses the order). That reads a pool row
     picked by several tokens from HBM about once, but gathers the x rows (and the repeats)
-    through L2 instead and needs the separate combine kernel, so it pays only when ``T K`` is
-    well above ``E`` and rows are long (:func:`select_config`).
+    through L2 instead, so it pays only when ``T K`` is well above ``E``; off by default."""
 
-    ``token_pass`` tiles the token-order pass (the dots, the per-pair terms and, fused into
-    the same program, the combine); ``sorted_dot`` and ``combine`` tile the expert-order
-    dots and the combine that then follows as its own kernel (``combine`` also tiles the
-    atomic weight gradients)."""
-
-    token_pass: Tiles
+    token_dot: Tiles
     sorted_dot: Tiles
     combine: Tiles
     expert_grads: Tiles
@@ -558,114 +517,40 @@ def _warps(elements: int) -> int:
     return 8 if elements >= 8192 else 4
 
 
-# Pairs per expert (T K / E) at or above which the weight gradients step through each
-# expert's pairs (the per-pair kernel) instead of the tensor-core kernel, below which the
-# tensor-core kernel takes 64-expert tiles instead of 32, and at or above which (with rows of
-# 4 KiB or more) the dots run in expert order. See select_config for the measurements.
-STEPPING_REUSE = 4.0
-WIDE_TILE_REUSE = 0.25
-SORTED_DOTS_REUSE = 8.0
-SORTED_DOTS_ROW_BYTES = 4096
-
-
-def select_config(T: int, K: int, H: int, E: int, dtype: torch.dtype = torch.bfloat16) -> FlashExpertConfig:
-    """Tiles for ``T`` tokens of ``K`` slots over a pool of ``E`` rows of width ``H``. A rule,
-    not a search: nothing is timed here, and the result is cached per shape.
-
-    Everything is sized in elements against ``MAX_TILE_ELEMENTS`` (8192: gathered elements
-    one program holds per step), so the tiles shrink with it. What matters besides H and K is
-    the reuse ``T K / E``, pairs per expert: at 1 or more, a pool row is mostly read by
-    several tokens (and partly from L2); below, almost every gathered row is cold.
-
-    Rules, from the H100 sweep in benchmarks/results/flash-expert-h100-2026-11-25-b9ceb5d
-    (bfloat16, T = 8192, H in {1024, 2048}, K in {16, 64}, E in {2**16, 2**20}: reuse 2, 0.125,
-    8, 0.5; ms of each kernel alone, the rule's tile / the sweep's fastest; "=" when they are
-    the same tile):
-
-    * token pass (dots, per-pair terms and the combine, one program per token tile; the
-      tiles were measured on the dots alone). Cold rows (reuse < 1): one token per program,
-      as wide as the budget allows up to 512 bytes of a row, ``(1, 256, 4, 3)`` at K = 16
-      (= at both H: 0.108, 0.198) and ``(1, 128, 8, 3)`` at K = 64 (0.367 / 0.367, 0.709 /
-      0.709; (1, 64, 4, 3) is 0.368, 0.713). Warm rows (reuse >= 1): 128-byte chunks and
-      half the budget, ``(4, 64, 4, 4)`` at K = 16 (= 0.089 at H = 1024, 0.176 / 0.176 at
-      2048) and ``(1, 64, 4, 3)`` at K = 64 (= 0.269, 0.567; the old (1, 128, 8, 3) took
-      0.334, 0.726). Four stages when a program holds several tokens, else three.
-    * combine (expert order only): K >= 32 slots per token, the full budget in 256-wide rows,
-      ``(32, 256, 8, 3)`` (= at all four K = 64 shapes, 0.291 .. 0.719); fewer slots, a
-      quarter of it in 512-wide rows, ``(4, 512, 4, 4)`` (= 0.090, 0.182, 0.201 and 0.108 /
-      0.108 at the K = 16 shapes). Each of the two is within 4% at the other K.
-    * sorted dot (expert order only): reuse >= 8, ``(16, 256, 8, 1)`` (= 0.299, 0.521);
-      else ``(32, 128, 4, 3)`` (= 0.457, 0.173, 0.266, 0.993; 0.092 / 0.089 and 0.136 /
-      0.133 at H = 1024, K = 16, where the dots run in token order anyway).
-    * dots in expert order (``sorted_dots``) when reuse >= 8 and rows of 4 KiB or more: the
-      whole op took 4.041 ms against 4.061 in token order at H = 2048, K = 64, E = 2**16 (the
-      sort, about 0.09 ms, then comes before the forward's dots; a tie within noise) and lost
-      at H = 1024 (2.043 against 1.991) and at every reuse <= 2 (by 0.02 .. 0.67 ms). The
-      saving grows with the row bytes, the sort's cost does not.
-    * weight gradients, bfloat16. Reuse >= 4: the per-pair kernel ``(16, 128, 4, 2)``
-      (= 0.796 and 1.585 at reuse 8, where the tensor-core kernel's best took 0.931 and
-      1.878). Below: the tensor-core kernel, 16 pairs per step, in tiles of 32 experts
-      ``(32, 64, 4, 2, 16)`` (= 0.330, 0.642 at reuse 2; 2.721, 5.633 at reuse 0.5; the
-      per-pair kernel took 0.382, 0.727 at reuse 2) or, below reuse 0.25, 64 experts
-      ``(64, 64, 4, 2, 16)`` (= 1.951, 3.894 at reuse 0.125, against 2.097, 4.169 for 32;
-      at reuse 0.5 the 64-expert tile lost by 10-12%). Other dtypes: the per-pair kernel,
-      ``(16, 128, 4, 2)``.
-
-    Whole forward+backward at the eight shapes with these tiles, measured before the token
-    pass fused the combine: the sweep's best found, 1.243, 2.445, 1.991, 4.263, 1.394, 4.763,
-    4.041, 8.556 ms (H = 1024 then 2048, K = 16 then 64, E = 2**16 then 2**20), against
-    1.448, 3.770, 2.294, 5.043, 1.538, 7.426, 4.705, 9.915 with the shape-blind default this
-    replaces. Shapes far from these (H << 1024, other GPUs) get the same rules, the budgets
-    clipped to ``H`` and ``K``.
-    """
-    return _select_config(T, K, H, E, dtype, MAX_TILE_ELEMENTS)
-
-
-@functools.lru_cache(maxsize=256)
-def _select_config(T: int, K: int, H: int, E: int, dtype: torch.dtype, budget: int) -> FlashExpertConfig:
-    itemsize = dtype.itemsize
+def default_config(H: int, K: int, dtype: torch.dtype = torch.bfloat16) -> FlashExpertConfig:
+    """Tiles from ``(H, K, dtype)``: chunks of H of 256 16-bit (128 32-bit) elements, 512
+    contiguous bytes per gathered row, and about ``MAX_TILE_ELEMENTS`` gathered per step."""
+    budget = MAX_TILE_ELEMENTS
     h = max(16, triton.next_power_of_2(max(H, 1)))
-    chunk = 512 // itemsize  # 512 contiguous bytes of a row: 256 16-bit elements, 128 32-bit
+    chunk = 256 if dtype.itemsize <= 2 else 128
 
     def block_h(limit: int) -> int:
         return max(16, min(h, chunk, limit))
 
-    reuse = T * K / max(E, 1)  # pairs per expert
     block_k = _block_k(K)
-    # Token pass: BLOCK_T tokens x all K slots x BLOCK_H, twice (dots, then the combine).
-    if reuse < 1:  # cold rows: one token, long row chunks
-        pass_h = block_h(budget // block_k)
-        pass_rows = 1
-    else:  # warm rows: 128-byte chunks of more rows, half the budget
-        pass_h = block_h(budget // 128)
-        pass_rows = max(1, budget // 2 // (block_k * pass_h))
-    pass_elements = pass_rows * block_k * pass_h
-    token_pass = Tiles(pass_rows, pass_h, _warps(pass_elements), 4 if pass_rows > 1 else 3)
-    # Sorted dot: [rows, BLOCK_H] tiles of x and of the pool.
-    if reuse >= SORTED_DOTS_REUSE:
-        sorted_h = block_h(budget // 32)
-        sorted_dot = Tiles(max(2, budget // 2 // sorted_h), sorted_h, 8, 1)
-    else:
-        sorted_h = block_h(budget // 64)
-        sorted_dot = Tiles(max(2, budget // 2 // sorted_h), sorted_h, 4, 3)
-    # Combine (expert order): [rows, BLOCK_H] of one slot per step.
-    if K >= 32:
-        combine_h = block_h(budget // 32)
-        combine = Tiles(max(1, budget // combine_h), combine_h, _warps(budget), 3)
-    else:
-        combine_h = max(16, min(h, 2 * chunk, budget // 16))
-        combine = Tiles(max(1, budget // 4 // combine_h), combine_h, 4, 4)
-    sorted_dots = reuse >= SORTED_DOTS_REUSE and H * itemsize >= SORTED_DOTS_ROW_BYTES
+    # Token dot: BLOCK_T tokens x all K slots x BLOCK_H.
+    dot_h = block_h(budget // block_k)
+    dot_rows = max(1, budget // (block_k * dot_h))
+    token_dot = Tiles(dot_rows, dot_h, _warps(dot_rows * block_k * dot_h), 3)
+    # Sorted dot and combine: [rows, BLOCK_H] tiles; the sorted dot gathers two of them.
+    pair_h = block_h(budget // 32)
+    pair_rows = max(2, budget // 2 // pair_h)
+    sorted_dot = Tiles(pair_rows, pair_h, _warps(2 * pair_rows * pair_h), 3)
+    combine = Tiles(pair_rows, pair_h, 4, 3)
     # Weight gradients: two float32 accumulators [rows, BLOCK_H] held through the program.
-    if dtype == torch.bfloat16 and reuse < STEPPING_REUSE:
-        # Tensor-core kernel; tl.dot wants every dimension >= 16.
+    if dtype == torch.bfloat16:
+        # Tensor-core kernel: 32 experts x 64 of H, 16 pairs per step, 2 stages. In the H100
+        # sweep (benchmarks/results/flash-expert-h100-2026-11-25-b9ceb5d) it was the best
+        # tile at four of the eight benchmark shapes and within 7% at two; at K = 64,
+        # E = 65536 (8 pairs per expert) the per-pair kernel (16, 128, block_p 0) won by 18%+,
+        # a choice this function cannot make without T and E. The dot needs dims >= 16.
         grad_h = block_h(min(64, budget // 128))
-        grad_rows = max(16, min(64 if reuse < WIDE_TILE_REUSE else 32, budget // 128))
+        grad_rows = max(16, min(32, budget // 256))
         expert_grads = Tiles(grad_rows, grad_h, 4, 2, None, 16)
     else:
         grad_h = block_h(min(128, budget // 64))
         expert_grads = Tiles(max(2, budget // 4 // grad_h), grad_h, 4, 2, None, 0)
-    return FlashExpertConfig(token_pass, sorted_dot, combine, expert_grads, sorted_dots)
+    return FlashExpertConfig(token_dot, sorted_dot, combine, expert_grads)
 
 
 # --------------------------------------------------------------------------------------
@@ -722,10 +607,8 @@ def _sort_beside(indices: torch.Tensor, num_experts: int) -> tuple[SortedPairs, 
     return pairs, starts, join
 
 
-def _config(
-    config: FlashExpertConfig | None, T: int, K: int, H: int, E: int, dtype: torch.dtype
-) -> FlashExpertConfig:
-    return select_config(T, K, H, E, dtype) if config is None else config
+def _config(config: FlashExpertConfig | None, H: int, K: int, dtype: torch.dtype) -> FlashExpertConfig:
+    return default_config(H, K, dtype) if config is None else config
 
 
 def launch_dots(
@@ -738,38 +621,31 @@ def launch_dots(
     grad_score: torch.Tensor | None = None,
     grad_routing: torch.Tensor | None = None,
     *,
-    combine_pool: torch.Tensor | None = None,
-    out: torch.Tensor | None = None,
     pairs: SortedPairs | None = None,
     config: FlashExpertConfig | None = None,
 ) -> None:
     """``d[t, j] = x[t] . pool[indices[t, j]]`` and the per-pair terms, in token order or, with
     ``pairs``, in expert order. Forward (``grad_score`` None): write ``scores = d`` and
     ``coef = w silu(d)``. Backward: read ``scores``; write ``coef``, ``grad_score = w silu'(s)
-    d`` and ``grad_routing = silu(s) d``. With ``out`` (and ``combine_pool``), also the
-    combine ``out[t] = sum_j c[t, j] combine_pool[indices[t, j]]`` with ``c = coef`` forward
-    and ``grad_score`` backward: in token order fused into the same kernel, in expert order
-    by :func:`launch_combine` after it. ``[T, K]`` buffers contiguous, ``out [T, H]``
-    contiguous; x and the pools need unit stride along H."""
+    d`` and ``grad_routing = silu(s) d``. ``[T, K]`` buffers contiguous; x and pool need unit
+    stride along H."""
     T, H = x.shape
-    E, K = pool.shape[0], indices.shape[1]
+    K = indices.shape[1]
+    if T * K == 0:
+        return
     backward = grad_score is not None
     if backward != (grad_routing is not None):
         raise ValueError("pass both grad_score and grad_routing (backward), or neither (forward)")
-    if (out is None) != (combine_pool is None):
-        raise ValueError("pass both combine_pool and out (dots and combine), or neither (dots only)")
-    config = _config(config, T, K, H, E, x.dtype)
-    combine = out is not None
-    if T * K > 0 and pairs is None:
-        tiles = config.token_pass
-        _token_pass_kernel[(triton.cdiv(T, tiles.rows),)](
-            x, pool, indices, routing_weights, scores, coef, grad_score, grad_routing, combine_pool, out,
-            T, H, K, x.stride(0), pool.stride(0), combine_pool.stride(0) if combine else 0,
-            BACKWARD=backward, COMBINE=combine, BLOCK_T=tiles.rows, BLOCK_K=_block_k(K), BLOCK_H=tiles.block_h,
+    config = _config(config, H, K, x.dtype)
+    if pairs is None:
+        tiles = config.token_dot
+        _token_dot_kernel[(triton.cdiv(T, tiles.rows),)](
+            x, pool, indices, routing_weights, scores, coef, grad_score, grad_routing,
+            T, H, K, x.stride(0), pool.stride(0),
+            BACKWARD=backward, BLOCK_T=tiles.rows, BLOCK_K=_block_k(K), BLOCK_H=tiles.block_h,
             NUM_STAGES=tiles.num_stages, num_warps=tiles.num_warps,
         )  # fmt: skip
-        return
-    if T * K > 0:
+    else:
         tiles = config.sorted_dot
         P = T * K
         _sorted_dot_kernel[(triton.cdiv(P, tiles.rows),)](
@@ -778,8 +654,6 @@ def launch_dots(
             BACKWARD=backward, BLOCK_P=tiles.rows, BLOCK_H=tiles.block_h,
             NUM_STAGES=tiles.num_stages, num_warps=tiles.num_warps,
         )  # fmt: skip
-    if combine:  # after the sorted dots; with K = 0, the zeros
-        launch_combine(combine_pool, indices, grad_score if backward else coef, out, config=config)
 
 
 def launch_combine(
@@ -796,7 +670,7 @@ def launch_combine(
     K = indices.shape[1]
     if T * H == 0:
         return
-    tiles = _config(config, T, K, H, pool.shape[0], out.dtype).combine
+    tiles = _config(config, H, K, out.dtype).combine
     num_h_blocks = triton.cdiv(H, tiles.block_h)
     _combine_kernel[(num_h_blocks * triton.cdiv(T, tiles.rows),)](
         pool, indices, coef, out, T, H, K, pool.stride(0), num_h_blocks,
@@ -830,12 +704,12 @@ def launch_expert_grads(
     if target is None:
         return
     E, H = target.shape
-    T, K = grad_score.shape
+    K = grad_score.shape[1]
     if E * H == 0:
         return
     if starts is None:
         starts = expert_starts(pairs, E)
-    tiles = _config(config, T, K, H, E, target.dtype).expert_grads
+    tiles = _config(config, H, K, target.dtype).expert_grads
     h_loop = tiles.h_loop if tiles.h_loop is not None else grad_score.numel() < E
     h_span = H if h_loop else tiles.block_h
     bf16 = all(t.dtype == torch.bfloat16 for t in (hidden, grad_out, grad_down, grad_up) if t is not None)
@@ -876,8 +750,7 @@ def launch_atomic_expert_grads(
     K = indices.shape[1]
     if T * K * H == 0 or (grad_down_acc is None and grad_up_acc is None):
         return
-    E = (grad_down_acc if grad_down_acc is not None else grad_up_acc).shape[0]
-    tiles = _config(config, T, K, H, E, hidden.dtype).combine
+    tiles = _config(config, H, K, hidden.dtype).combine
     num_h_blocks = triton.cdiv(H, tiles.block_h)
     _atomic_expert_grads_kernel[(num_h_blocks * triton.cdiv(T, tiles.rows),)](
         hidden, grad_out, indices, grad_score, coef, grad_down_acc, grad_up_acc,
@@ -905,15 +778,15 @@ class FlashExpertFunction(torch.autograd.Function):
         hidden, down, up = _unit_stride_rows(hidden), _unit_stride_rows(down), _unit_stride_rows(up)
         indices, routing_weights = indices.contiguous(), routing_weights.contiguous()
         T, H = hidden.shape
-        E, K = down.shape[0], indices.shape[1]
-        config = _config(config, T, K, H, E, hidden.dtype)
+        K = indices.shape[1]
+        config = _config(config, H, K, hidden.dtype)
         device = hidden.device
         pairs = sort_pairs(indices) if config.sorted_dots and T * K > 0 else None
         out = torch.empty(T, H, device=device, dtype=hidden.dtype)
         scores = torch.empty(T, K, device=device, dtype=torch.float32)
         coef = torch.empty(T, K, device=device, dtype=torch.float32)
-        launch_dots(hidden, down, indices, routing_weights, scores, coef, combine_pool=up, out=out, pairs=pairs,
-                    config=config)  # fmt: skip
+        launch_dots(hidden, down, indices, routing_weights, scores, coef, pairs=pairs, config=config)
+        launch_combine(up, indices, coef, out, config=config)
         ctx.save_for_backward(hidden, down, up, indices, routing_weights, scores, *(pairs or (None, None)))
         ctx.deterministic = deterministic
         ctx.config = config
@@ -938,12 +811,12 @@ class FlashExpertFunction(torch.autograd.Function):
         grad_routing = torch.empty(T, K, device=device, dtype=routing_weights.dtype)
         grad_score = torch.empty(T, K, device=device, dtype=torch.float32)
         coef = torch.empty(T, K, device=device, dtype=torch.float32)
-        grad_hidden = torch.empty(T, H, device=device, dtype=hidden.dtype) if need_hidden else None
-        # d_hidden = sum_j d_score[t, j] down[idx[t, j]] in the same pass as the dots.
         launch_dots(grad_out, up, indices, routing_weights, scores, coef, grad_score, grad_routing,
-                    combine_pool=down if need_hidden else None, out=grad_hidden, pairs=pairs,
-                    config=config)  # fmt: skip
-        grad_down = grad_up = None
+                    pairs=pairs, config=config)  # fmt: skip
+        grad_hidden = grad_down = grad_up = None
+        if need_hidden:
+            grad_hidden = torch.empty(T, H, device=device, dtype=hidden.dtype)
+            launch_combine(down, indices, grad_score, grad_hidden, config=config)
         if deterministic:
             grad_down = torch.empty(E, H, device=device, dtype=down.dtype) if need_down else None
             grad_up = torch.empty(E, H, device=device, dtype=up.dtype) if need_up else None
