@@ -19,8 +19,10 @@ forward + backward against a plain ``torch._grouped_mm`` autograd MoE.
    less the returned gradients (both implementations allocate the weight gradients before
    their peak, so this approximates the activation peak). Out of memory is recorded per shape.
 3. Parts of the Triton step (plan, each GEMM, the weight-gradient launches, elementwise, combine),
-   the transposed-weight GEMMs read in place vs from a contiguous transposed copy, and a small
-   sweep of weight-gradient configs while the time budget lasts.
+   the transposed-weight GEMMs read in place vs from a contiguous transposed copy, and a sweep
+   of weight-gradient configs (T=8192, Qwen3, T=2048; the former main loop among them, each output
+   compared with the default's) while the time budget lasts, with the config to commit per
+   row-loop regime ("weight-gradient choice").
 4. A Markdown table on stdout, JSON and the tables under ``--out``. Exit 1 if a check fails.
 
 ``--smoke`` runs tiny shapes (also on the CPU with TRITON_INTERPRET=1) to check the script; there its
@@ -51,7 +53,12 @@ from moeflux.ops.dispatch import build_dispatch_plan
 from moeflux.ops.experts.autograd import _gemm, _swiglu, _swiglu_backward, experts_autograd
 from moeflux.ops.experts.naive import experts_torch
 from moeflux.ops.experts.triton import combine_pairs
-from moeflux.ops.grouped_matmul.weight_grad import WeightGradConfig, grouped_weight_grad, select_weight_grad_config
+from moeflux.ops.grouped_matmul.weight_grad import (
+    WIDE_TILE_MIN_ROWS,
+    WeightGradConfig,
+    grouped_weight_grad,
+    select_weight_grad_config,
+)
 from moeflux.ops.routing import route
 from moeflux.weights import MoEWeights
 
@@ -352,9 +359,75 @@ def time_parts(shape: Shape, inputs, grad_out) -> dict:
     return result
 
 
+# select_weight_grad_config's pick before the pair-id prefetch, on the former main loop (its 3 and
+# 4 stages compiled alike: one step of copies in flight) with the scale in registers. Not the
+# former kernel to the bit: it shares the constexpr k' and the unmasked even K / N.
+FORMER_WEIGHT_GRAD_CONFIG = WeightGradConfig(128, 128, 64, 8, 4, prefetch_rows=False, prescale=False)
+# The sweep's shapes, by name prefix: long row loops (T=8192: 1241 rows an expert), then short
+# ones (Qwen3 prefill: 256; competition T=2048: 310).
+SWEEP_SHAPES = ("competition-2", "qwen3", "competition-0")
+
+
+def sweep_shapes(shapes: list[Shape], smoke: bool) -> list[Shape]:
+    if smoke:
+        return shapes[:1]
+    return [s for prefix in SWEEP_SHAPES for s in shapes if s.name.startswith(prefix)]
+
+
+def weight_grad_candidates(smoke: bool) -> list[WeightGradConfig]:
+    """Configs timed after ``select_weight_grad_config``'s pick (one launching the same kernel
+    as an earlier one skipped: ``prescale`` only matters to dW_down)."""
+    C = WeightGradConfig
+    if smoke:
+        return [C(16, 16, 16, 4, 2, prescale=False), C(32, 16, 16, 4, 3), C(16, 16, 16, 4, 2, prefetch_rows=False)]
+    return [
+        FORMER_WEIGHT_GRAD_CONFIG,  # the reference
+        C(128, 128, 64, 4, 3, prefetch_rows=False, prescale=False),  # the former main loop's best in its last sweep
+        C(128, 256, 64, 8, 4),  # long row loops: one program an SM, 192 KiB
+        C(128, 256, 64, 8, 4, prescale=False),  # the same, scaling in registers
+        C(128, 256, 64, 8, 3),
+        C(128, 256, 32, 8, 5),
+        C(256, 128, 64, 8, 3),
+        C(128, 128, 64, 8, 3),  # short row loops: two programs an SM, 96 KiB
+        C(128, 128, 64, 8, 3, prescale=False),  # the same, scaling in registers (150 registers: one an SM)
+        C(128, 128, 64, 8, 4),
+        C(128, 128, 32, 8, 5),
+        C(128, 128, 64, 4, 3),
+    ]
+
+
+# The sweep's launches that pass a row_scale (prescale matters only there).
+SCALED_LAUNCHES = ("dW_down",)
+
+
+def same_kernel(config, configs, *, scaled: bool):
+    """The first of ``configs`` that launches what ``config`` launches (``prescale`` aside when
+    the launch has no row scale), else None; configs may be dataclasses or their dicts."""
+
+    def key(c) -> dict:
+        fields = dict(c if isinstance(c, dict) else asdict(c))
+        if not scaled:
+            fields.pop("prescale", None)
+        return fields
+
+    return next((other for other in configs if key(other) == key(config)), None)
+
+
+def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` one expert at a time in float32 (the weight
+    gradients are too large for a float64 copy)."""
+    num, den = 0.0, 0.0
+    for a, e in zip(actual, expected):
+        num += float(torch.linalg.vector_norm(a.float() - e.float())) ** 2
+        den += float(torch.linalg.vector_norm(e.float())) ** 2
+    return math.sqrt(num / max(den, 1e-30))
+
+
 def sweep_weight_grad(shape: Shape, device: torch.device, smoke: bool, deadline: float) -> dict:
-    """A few weight-gradient configs on the two launches of ``shape``; none started after
-    ``deadline`` (``time.perf_counter()``)."""
+    """The weight-gradient configs of :func:`weight_grad_candidates` on the two launches of
+    ``shape``, after ``select_weight_grad_config``'s pick (the ``default``); none started after
+    ``deadline`` (``time.perf_counter()``). Each output is compared with the default's
+    (``rel_diff``: a wrong kernel is off by O(1), a different summation order by ~1e-3)."""
     inputs, grad_out = make_inputs(shape, device)
     x, expert_ids, expert_weights, gate_up, down, E = inputs
     T, H, D, S = shape.T, shape.H, shape.D, shape.S
@@ -363,36 +436,96 @@ def sweep_weight_grad(shape: Shape, device: torch.device, smoke: bool, deadline:
     pair_weights = torch.cat([expert_weights, torch.ones(T, S, device=x.device)], dim=1).reshape(-1)
     hidden = torch.randn(P, D, device=device, dtype=x.dtype)
     d_pre = torch.randn(P, 2 * D, device=device, dtype=x.dtype)
-    C = WeightGradConfig
-    configs = [C(16, 16, 16, 4, 2), C(32, 16, 16, 4, 2)] if smoke else [
-        C(128, 128, 64, 8, 3), C(128, 128, 32, 8, 4), C(128, 128, 64, 4, 3), C(128, 256, 64, 8, 3),
-        C(256, 128, 64, 8, 3), C(64, 128, 64, 4, 4), C(128, 64, 64, 4, 4), C(128, 128, 128, 8, 2),
-    ]  # fmt: skip
+    rows_per_expert = P / (E + S)
     launches = {
         "dW_down": (lambda c: grouped_weight_grad(hidden, grad_out, plan, b_rows="tokens", row_scale=pair_weights,
                                                   config=c), 2 * P * D * H, (D, H)),
         "dW_gate_up": (lambda c: grouped_weight_grad(x, d_pre, plan, a_rows="tokens", config=c), 2 * P * H * 2 * D,
                        (H, 2 * D)),
     }  # fmt: skip
-    result: dict = {"shape": shape.name}
+    result: dict = {"shape": shape.name, "rows_per_expert": rows_per_expert, "scaled": sorted(SCALED_LAUNCHES)}
     for name, (run, flops, (K, N)) in launches.items():
-        entries = []
-        for config in [select_weight_grad_config(K, N, x.dtype), *configs]:
+        default = select_weight_grad_config(K, N, x.dtype, rows_per_expert=rows_per_expert)
+        configs = []
+        for config in [default, *weight_grad_candidates(smoke)]:
+            if same_kernel(config, configs, scaled=name in SCALED_LAUNCHES) is None:
+                configs.append(config)
+        entries, expected = [], None
+        for config in configs:
             if time.perf_counter() > deadline:
                 break
             entry = {"config": asdict(config)}
             try:
+                out = run(config)
+                if expected is None:
+                    expected = out
+                else:
+                    entry["rel_diff"] = relative_difference(out, expected)
+                del out
                 entry["ms"] = time_ms(lambda: run(config), quick=True)
                 entry["tflops"] = flops / (entry["ms"] * 1e-3) / 1e12
             except Exception as error:  # out of shared memory or registers
                 entry.update(ms=None, error=error_text(error))
             entries.append(entry)
-        timed = [e for e in entries if e["ms"] is not None]
+        del expected
+        free_memory()
+        timed = [e for e in entries if e["ms"] is not None and e.get("rel_diff", 0.0) < 2e-2]
         result[name] = {"default": entries[0] if entries else {}, "candidates": entries[1:],
                         "best": min(timed, key=lambda e: e["ms"]) if timed else None}  # fmt: skip
     del inputs, grad_out, hidden, d_pre
     free_memory()
     return result
+
+
+def config_text(config: dict) -> str:
+    """``WeightGradConfig(...)`` as it would be written in the source."""
+    fields = [f"{k}={v}" for k, v in config.items() if k not in ("prefetch_rows", "prescale") or v is not True]
+    return f"WeightGradConfig({', '.join(fields)})"
+
+
+def config_short(config: dict) -> str:
+    """``128x256x64 w8 s4`` (+ ``former``: prefetch_rows off, ``in-reg``: prescale off)."""
+    text = f"{config['block_k']}x{config['block_n']}x{config['block_m']} w{config['num_warps']} s{config['num_stages']}"
+    return text + ("" if config["prefetch_rows"] else " former") + ("" if config["prescale"] else " in-reg")
+
+
+def weight_grad_choice(sweeps: list[dict]) -> list[str]:
+    """Per row-loop regime (mean rows an expert below or from ``WIDE_TILE_MIN_ROWS``, where
+    ``select_weight_grad_config`` switches tiles): the config with the lowest geomean time over
+    that regime's launches (configs timed on all of them), against the heuristic's picks."""
+    lines = []
+    for regime, keep in (("long", lambda r: r >= WIDE_TILE_MIN_ROWS), ("short", lambda r: r < WIDE_TILE_MIN_ROWS)):
+        cases = [(s["shape"], launch, s[launch]) for s in sweeps
+                 if "rows_per_expert" in s and keep(s["rows_per_expert"])
+                 for launch in ("dW_down", "dW_gate_up") if launch in s]  # fmt: skip
+        if not cases:
+            continue
+        times: dict[str, list[float]] = {}
+        for _, launch_name, launch in cases:
+            for entry in [launch["default"], *launch["candidates"]]:
+                if entry.get("ms") is not None and entry.get("rel_diff", 0.0) < 2e-2:
+                    # Without a row scale, prescale launches the same kernel: count it for both.
+                    prescales = [entry["config"]["prescale"]] if launch_name in SCALED_LAUNCHES else [False, True]
+                    for prescale in prescales:
+                        times.setdefault(json.dumps({**entry["config"], "prescale": prescale}), []).append(entry["ms"])
+        complete = {k: v for k, v in times.items() if len(v) == len(cases)}
+        if not complete:
+            continue
+        best_key = min(complete, key=lambda k: geomean(complete[k]))
+        best = geomean(complete[best_key])
+        heuristic = ", ".join(
+            f"{shape} {launch_name} {config_text(launch['default']['config'])} "
+            f"x{(launch['default'].get('ms') or math.nan) / launch['best']['ms']:.2f}"
+            for shape, launch_name, launch in cases if launch.get("best") and launch.get("default")
+        )  # fmt: skip
+        shapes = sorted({shape for shape, _, _ in cases})
+        lines.append(
+            f"- {regime} row loops ({'; '.join(shapes)}): ready to commit {config_text(json.loads(best_key))} "
+            f"(geomean {best:.3f} ms over {len(cases)} launches); heuristic's picks vs the per-launch best: {heuristic}"
+        )
+        for other_key in sorted(complete, key=lambda k: geomean(complete[k]))[1:4]:
+            lines.append(f"  - then {config_text(json.loads(other_key))}: x{geomean(complete[other_key]) / best:.2f}")
+    return lines
 
 
 # --------------------------------------------------------------------------------------
@@ -498,7 +631,7 @@ def main() -> int:
         print(time_row(rows[-1]))
         sys.stdout.flush()
     sweeps = []
-    for shape in selected(timing_shapes)[:1] + selected(timing_shapes)[3:4]:  # competition-0, qwen3
+    for shape in sweep_shapes(selected(timing_shapes), args.smoke):
         if args.skip_sweep or time.perf_counter() - started > BUDGET_S:
             break
         try:
@@ -515,10 +648,23 @@ def main() -> int:
         for launch in ("dW_down", "dW_gate_up"):
             if launch in sweep and sweep[launch]["best"]:
                 best, default = sweep[launch]["best"], sweep[launch]["default"]
+                entries = [default, *sweep[launch]["candidates"]]
+                former = same_kernel(FORMER_WEIGHT_GRAD_CONFIG, [e["config"] for e in entries],
+                                     scaled=launch in SCALED_LAUNCHES)  # fmt: skip
+                former = next((e for e in entries if e["config"] is former), {})
                 sweep_lines.append(
-                    f"- {sweep['shape']} {launch}: default {fmt(default.get('ms'))} ms, best {best['ms']:.3f} ms "
-                    f"({best['tflops']:.0f} TFLOP/s) with {best['config']}"
+                    f"- {sweep['shape']} {launch}: default {fmt(default.get('ms'))} ms "
+                    f"({fmt(default.get('tflops'), '.0f')} TFLOP/s), former main loop {fmt(former.get('ms'))} ms, "
+                    f"best {best['ms']:.3f} ms ({best['tflops']:.0f} TFLOP/s) with {config_text(best['config'])}"
                 )
+                timed = sorted((e for e in entries if e.get("ms") is not None), key=lambda e: e["ms"])
+                sweep_lines.append("  - all (ms): " + ", ".join(
+                    f"{config_short(e['config'])} {e['ms']:.3f}" for e in timed))  # fmt: skip
+                failed = [e for e in [default, *sweep[launch]["candidates"]]
+                          if e.get("error") or e.get("rel_diff", 0.0) >= 2e-2]  # fmt: skip
+                for entry in failed:
+                    why = entry.get("error") or f"rel_diff {entry['rel_diff']:.1e} against the default"
+                    sweep_lines.append(f"  - {config_text(entry['config'])}: {why}")
             elif "error" in sweep:
                 sweep_lines.append(f"- {sweep['shape']}: {sweep['error']}")
     summary = "\n".join([
@@ -528,6 +674,7 @@ def main() -> int:
         f"geomean speed-up over torch._grouped_mm autograd: {fmt(speedup, '.2f', 'x')}; geomean activation-memory "
         f"ratio (peak less grads): {fmt(memory_ratio, '.2f')}", "", "parts of the Triton step (default configs):",
         *[line for r in rows for line in parts_lines(r)], "", "weight-gradient sweep:", *sweep_lines, "",
+        "weight-gradient choice:", *weight_grad_choice(sweeps), "",
     ])  # fmt: skip
     print("\n" + summary)
     report = {

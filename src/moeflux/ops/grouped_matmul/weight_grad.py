@@ -23,6 +23,20 @@ proportional to ``E'`` and the row loop is sequential per expert: an expert with
 first so those shared experts, which sit last, start first; splitting the rows of large
 experts (split-K over rows) is left for later. Fine for the target shapes, whose ``K x N``
 tiles alone fill the GPU many times over.
+
+Main loop (what bounds the speed on the H100). Both operands are row-major ``[rows, width]``
+and the reduction runs over rows, so both reach the MMA MN-major: wgmma reads them from shared
+memory as copied (``tnspA.tnspB`` in the SASS; no transpose through registers). The pipeline
+is what needs care: a step's rows are gathered through ``sorted_to_pair``, and when that id
+load sits in the step, Triton's pipeliner spends a stage on it and (num_stages 3 or 4) keeps a
+single step of operand copies in flight, waiting for all copies at every step, so each step
+paid the full load latency. The ids are therefore loaded one step ahead (``prefetch_rows``)
+and carried, leaving the copies free to run ``num_stages - 1`` steps ahead; a sorted operand
+advances its pointers instead of recomputing them, and the token divisor ``k'`` is a
+constexpr. A ``row_scale`` is applied by a separate elementwise pass over the sorted operand
+(``prescale``) rather than in registers each step (the scaled operand then feeds wgmma from
+registers, adding a third of the step's instructions; the former kernel also single-buffered
+it).
 """
 
 from __future__ import annotations
@@ -48,28 +62,65 @@ class WeightGradConfig:
         block_n: columns of the ``dW[e]`` tile (the width of ``b``).
         block_m: sorted rows per step of the reduction loop.
         num_warps: warps per program.
-        num_stages: software-pipeline depth of the row loop.
+        num_stages: software-pipeline depth of the row loop (buffers of operand copies).
+        prefetch_rows: load each step's pair ids one step ahead (see the module docstring);
+            off is the former main loop, kept for comparison.
+        prescale: with a ``row_scale``, first write a scaled copy of a ``"sorted"`` or
+            ``"pairs"`` operand (``a``, else ``b``) in one elementwise pass (``P x width``
+            extra memory for the call), then run the unscaled kernel; off (or with two
+            ``"tokens"`` operands) the kernel scales ``a`` in registers each step. Scaling
+            ``a`` either way gives equal bits.
     """
 
     block_k: int = 128
-    block_n: int = 128
+    block_n: int = 256
     block_m: int = 64
     num_warps: int = 8
-    num_stages: int = 3
+    num_stages: int = 4
+    prefetch_rows: bool = True
+    prescale: bool = True
 
 
-def select_weight_grad_config(K: int, N: int, dtype: torch.dtype) -> WeightGradConfig:
-    """``128 x 128`` output tiles (smaller for narrow ``K`` / ``N``), 64-row steps (32 in
-    float32, whose tiles are twice the bytes), 8 warps for the full tile, and as many stages
-    (2 .. 4) as fit in about 160 KiB of shared memory. A heuristic, not a search."""
-    block_k = min(128, max(16, triton.next_power_of_2(K)))
-    block_n = min(128, max(16, triton.next_power_of_2(N)))
+# Mean rows per expert from which the 128 x 256 tile is taken (16-bit dtypes).
+WIDE_TILE_MIN_ROWS = 512
+
+
+def select_weight_grad_config(
+    K: int, N: int, dtype: torch.dtype, *, rows_per_expert: float | None = None
+) -> WeightGradConfig:
+    """A launch config for ``dW[e]`` of ``[K, N]``; ``rows_per_expert`` is the mean length of
+    the row loop (``P / E'``; unknown counts as long). A heuristic, not a search.
+
+    * 16-bit dtypes with long row loops (``rows_per_expert >= WIDE_TILE_MIN_ROWS``, e.g. the
+      competition's T=8192: 1241): ``128 x 256`` tiles, 8 warps (two warpgroups, 128 fp32
+      accumulators a thread), 64-row steps, 4 stages (192 KiB of shared memory: one program
+      an SM). A step reads 48 KiB of operands for 4.2 MFLOP where ``128 x 128`` reads 32 KiB
+      for 2.1: a third less L2 traffic per FLOP.
+    * short row loops (the model prefill shapes, 256-310 rows an expert: 4-5 steps a tile):
+      ``128 x 128`` tiles, 8 warps, 3 stages (96 KiB and at most 128 registers a thread: two
+      programs an SM, so one's pipeline fill and store overlap the other's steps).
+    * float32 (twice the bytes a tile): ``128 x 128``, 32-row steps.
+    * narrow ``K`` / ``N`` shrink the tile; 8 warps from ``128 x 128`` accumulators, else 4.
+    * ``prescale`` on: a separate pass scales the sorted operand (see :class:`WeightGradConfig`).
+    """
     element_size = torch.empty((), dtype=dtype).element_size()
+    long_rows = rows_per_expert is None or rows_per_expert >= WIDE_TILE_MIN_ROWS
+    wide = element_size <= 2 and long_rows and K >= 128 and N >= 256
+    block_k = min(128, _at_least_16(K))
+    block_n = 256 if wide else min(128, _at_least_16(N))
     block_m = 32 if element_size >= 4 else 64
     num_warps = 8 if block_k * block_n >= 128 * 128 else 4
     stage_bytes = (block_k + block_n) * block_m * element_size
-    num_stages = max(2, min(4, (160 * 1024) // stage_bytes))
+    if wide:
+        num_stages = max(2, min(4, (200 * 1024) // stage_bytes))
+    else:
+        num_stages = max(2, min(3 if element_size <= 2 else 4, (160 * 1024) // stage_bytes))
     return WeightGradConfig(block_k, block_n, block_m, num_warps, num_stages)
+
+
+def _at_least_16(size: int) -> int:
+    """The next power of two >= ``size``, at least 16 (``tl.dot``'s smallest tile side)."""
+    return max(16, triton.next_power_of_2(size))
 
 
 @triton.jit
@@ -83,8 +134,6 @@ def _weight_grad_kernel(
     K,
     N,
     num_experts,
-    a_divisor,  # src_a(r) = sorted_to_pair[r] // a_divisor when GATHER_A (k' or 1)
-    b_divisor,
     stride_a_m,
     stride_a_k,
     stride_b_m,
@@ -94,7 +143,12 @@ def _weight_grad_kernel(
     stride_out_n,
     GATHER_A: tl.constexpr,
     GATHER_B: tl.constexpr,
+    A_DIVISOR: tl.constexpr,  # src_a(r) = sorted_to_pair[r] // A_DIVISOR when GATHER_A (k' or 1)
+    B_DIVISOR: tl.constexpr,
     SCALE: tl.constexpr,
+    PREFETCH_ROWS: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no column mask on a
+    EVEN_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -111,35 +165,116 @@ def _weight_grad_kernel(
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     m_k = o_k < K
     m_n = o_n < N
+    INDEXED: tl.constexpr = GATHER_A or GATHER_B or SCALE
     b_acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
+    o_r = row_start + tl.arange(0, BLOCK_M)  # [BLOCK_M] sorted rows of the step
+    if PREFETCH_ROWS:
+        if INDEXED:
+            o_pair = tl.load(sorted_to_pair_ptr + o_r, mask=o_r < row_end, other=0)
+        # A sorted operand's pointers advance BLOCK_M rows a step (no per-row address math);
+        # int64 steps (a stride of 1 arrives as a constexpr, hence tl.full rather than .to).
+        if not GATHER_A:
+            p_a = a_ptr + o_r[None, :].to(tl.int64) * stride_a_m + o_k[:, None] * stride_a_k
+            a_step = tl.full([], BLOCK_M, tl.int64) * stride_a_m
+        if not GATHER_B:
+            p_b = b_ptr + o_r[:, None].to(tl.int64) * stride_b_m + o_n[None, :] * stride_b_n
+            b_step = tl.full([], BLOCK_M, tl.int64) * stride_b_m
     for m_start in range(row_start, row_end, BLOCK_M):
-        o_r = m_start + tl.arange(0, BLOCK_M)  # [BLOCK_M] sorted rows
+        if not PREFETCH_ROWS:
+            o_r = m_start + tl.arange(0, BLOCK_M)
+            if INDEXED:
+                o_pair = tl.load(sorted_to_pair_ptr + o_r, mask=o_r < row_end, other=0)
+            if not GATHER_A:
+                p_a = a_ptr + o_r[None, :].to(tl.int64) * stride_a_m + o_k[:, None] * stride_a_k
+            if not GATHER_B:
+                p_b = b_ptr + o_r[:, None].to(tl.int64) * stride_b_m + o_n[None, :] * stride_b_n
         m_r = o_r < row_end
-        if GATHER_A or GATHER_B or SCALE:
-            o_pair = tl.load(sorted_to_pair_ptr + o_r, mask=m_r, other=0)
+        if PREFETCH_ROWS and INDEXED:
+            # The next step's pair ids, one step ahead: the operand addresses then depend on a
+            # loop-carried value, not on a load of the same step, so the pipeliner keeps
+            # num_stages - 1 steps of copies in flight (with the id load in the step it spends
+            # a stage on it: num_stages 3 and 4 both kept one step in flight, wait-all each step).
+            o_r_next = o_r + BLOCK_M
+            o_pair_next = tl.load(sorted_to_pair_ptr + o_r_next, mask=o_r_next < row_end, other=0)
         if GATHER_A:
-            o_a = o_pair // a_divisor
-        else:
-            o_a = o_r
+            p_a = a_ptr + (o_pair // A_DIVISOR)[None, :].to(tl.int64) * stride_a_m + o_k[:, None] * stride_a_k
         if GATHER_B:
-            o_b = o_pair // b_divisor
+            p_b = b_ptr + (o_pair // B_DIVISOR)[:, None].to(tl.int64) * stride_b_m + o_n[None, :] * stride_b_n
+        # a is read transposed, [BLOCK_K, BLOCK_M] with K contiguous: both operands are
+        # MN-major, which wgmma reads from shared memory as copied (no transpose through
+        # registers). Rows past the expert's end load zeros in both operands (a zero times a
+        # NaN of the next expert's row would still be NaN).
+        if EVEN_K:
+            b_a = tl.load(p_a, mask=m_r[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
         else:
-            o_b = o_r
-        # a is read transposed, [BLOCK_K, BLOCK_M]; rows past the expert's end load zeros in
-        # both operands (a zero times a NaN of the next expert's row would still be NaN).
-        p_a = a_ptr + o_a[None, :].to(tl.int64) * stride_a_m + o_k[:, None] * stride_a_k
-        b_a = tl.load(p_a, mask=m_k[:, None] & m_r[None, :], other=0.0)
+            b_a = tl.load(p_a, mask=m_k[:, None] & m_r[None, :], other=0.0)
         if SCALE:
             # Scaling a rather than b: on Hopper the left MMA operand may live in registers,
             # the right one must sit in shared memory as loaded.
             b_scale = tl.load(row_scale_ptr + o_pair, mask=m_r, other=0.0)  # [BLOCK_M]
             b_a = (b_a.to(tl.float32) * b_scale[None, :]).to(a_ptr.dtype.element_ty)
-        p_b = b_ptr + o_b[:, None].to(tl.int64) * stride_b_m + o_n[None, :] * stride_b_n
-        b_b = tl.load(p_b, mask=m_r[:, None] & m_n[None, :], other=0.0)  # [BLOCK_M, BLOCK_N]
+        if EVEN_N:
+            b_b = tl.load(p_b, mask=m_r[:, None], other=0.0)  # [BLOCK_M, BLOCK_N]
+        else:
+            b_b = tl.load(p_b, mask=m_r[:, None] & m_n[None, :], other=0.0)
         b_acc = _dot(b_a, b_b, b_acc, INPUT_PRECISION, DOT_IN_FP32)
+        if PREFETCH_ROWS:
+            o_r += BLOCK_M
+            if INDEXED:
+                o_pair = o_pair_next
+            if not GATHER_A:
+                p_a += a_step
+            if not GATHER_B:
+                p_b += b_step
 
     p_out = out_ptr + i_e * stride_out_e + o_k[:, None].to(tl.int64) * stride_out_k + o_n[None, :] * stride_out_n
     tl.store(p_out, b_acc.to(out_ptr.dtype.element_ty), mask=m_k[:, None] & m_n[None, :])
+
+
+@triton.jit
+def _scale_rows_kernel(
+    x_ptr,  # [R, C]
+    out_ptr,  # [R, C] contiguous
+    row_scale_ptr,  # [P] float32, pair order
+    sorted_to_pair_ptr,  # [P] int32
+    R,
+    C,
+    stride_x_r,
+    stride_x_c,
+    SORTED: tl.constexpr,  # row r scales by row_scale[sorted_to_pair[r]], else row_scale[r]
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``out[r] = x[r] * s(r)``, rounded to ``x``'s dtype as the weight-gradient kernel's
+    ``SCALE`` rounds its scaled operand (the same float32 product and cast: equal bits)."""
+    o_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    o_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_r = o_r < R
+    m = m_r[:, None] & (o_c < C)[None, :]
+    if SORTED:
+        o_s = tl.load(sorted_to_pair_ptr + o_r, mask=m_r, other=0)
+    else:
+        o_s = o_r
+    b_scale = tl.load(row_scale_ptr + o_s, mask=m_r, other=0.0)
+    b_x = tl.load(x_ptr + o_r[:, None].to(tl.int64) * stride_x_r + o_c[None, :] * stride_x_c, mask=m, other=0.0)
+    b_y = (b_x.to(tl.float32) * b_scale[:, None]).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + o_r[:, None].to(tl.int64) * C + o_c[None, :], b_y, mask=m)
+
+
+def _scale_rows(x: torch.Tensor, row_scale: torch.Tensor, plan: DispatchPlan, rows: str) -> torch.Tensor:
+    """A scaled copy of a ``"sorted"`` or ``"pairs"`` operand (see ``WeightGradConfig.prescale``)."""
+    R, C = x.shape
+    out = torch.empty(R, C, device=x.device, dtype=x.dtype)
+    if R == 0 or C == 0:
+        return out
+    block_c = min(1024, _at_least_16(C))
+    block_r = max(1, 8192 // block_c)
+    grid = (triton.cdiv(R, block_r), triton.cdiv(C, block_c))
+    _scale_rows_kernel[grid](
+        x, out, row_scale, plan.sorted_to_pair, R, C, x.stride(0), x.stride(1),
+        SORTED=rows == "sorted", BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+    )  # fmt: skip
+    return out
 
 
 def grouped_weight_grad(
@@ -189,16 +324,28 @@ def grouped_weight_grad(
     if K == 0 or N == 0:
         return out
     if config is None:
-        config = select_weight_grad_config(K, N, a.dtype)
+        config = select_weight_grad_config(K, N, a.dtype, rows_per_expert=P / max(num_experts, 1))
     scale = row_scale is not None
-    row_scale = plan.sorted_to_pair if row_scale is None else row_scale.contiguous()  # unused when SCALE is off
+    if scale:
+        row_scale = row_scale.contiguous()
+        if config.prescale and (a_rows != "tokens" or b_rows != "tokens"):
+            # One elementwise pass instead of the scaled operand's trip through registers.
+            if a_rows != "tokens":
+                a = _scale_rows(a, row_scale, plan, a_rows)
+            else:
+                b = _scale_rows(b, row_scale, plan, b_rows)
+            scale = False
+    else:
+        row_scale = plan.sorted_to_pair  # unused when SCALE is off
     grid = (triton.cdiv(N, config.block_n), triton.cdiv(K, config.block_k), num_experts)
     _weight_grad_kernel[grid](
-        a, b, out, row_scale, plan.sorted_to_pair, plan.expert_offsets,
-        K, N, num_experts, top_k if a_rows == "tokens" else 1, top_k if b_rows == "tokens" else 1,
+        a, b, out, row_scale, plan.sorted_to_pair, plan.expert_offsets, K, N, num_experts,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        GATHER_A=a_rows != "sorted", GATHER_B=b_rows != "sorted", SCALE=scale,
-        INPUT_PRECISION=_input_precision(a.dtype), DOT_IN_FP32=a.device.type == "cpu" and a.dtype == torch.bfloat16,
+        GATHER_A=a_rows != "sorted", GATHER_B=b_rows != "sorted",
+        A_DIVISOR=top_k if a_rows == "tokens" else 1, B_DIVISOR=top_k if b_rows == "tokens" else 1,
+        SCALE=scale, PREFETCH_ROWS=config.prefetch_rows, EVEN_K=K % config.block_k == 0,
+        EVEN_N=N % config.block_n == 0, INPUT_PRECISION=_input_precision(a.dtype),
+        DOT_IN_FP32=a.device.type == "cpu" and a.dtype == torch.bfloat16,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
