@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -59,3 +61,33 @@ def git_commit() -> str | None:
         return result.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def pick_device(smoke: bool) -> tuple[torch.device, str] | None:
+    """``(device, its name)``: the GPU, or the CPU for ``--smoke`` under ``TRITON_INTERPRET=1``;
+    ``None`` (after a message) when neither is possible. Turns TF32 off, so the float32
+    references are true float32."""
+    if torch.cuda.is_available():
+        device, name = torch.device("cuda"), torch.cuda.get_device_name()
+    elif smoke and os.environ.get("TRITON_INTERPRET") == "1":
+        device, name = torch.device("cpu"), "cpu (Triton interpreter)"
+    else:
+        print("needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)", file=sys.stderr)
+        return None
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return device, name
+
+
+def report_path(out: str, default_name: str) -> Path:
+    """``out`` itself when it names a ``.json`` file, else ``out/default_name``; its folder is created."""
+    path = Path(out)
+    path = path if path.suffix == ".json" else path / default_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_report(json_path: Path, report: dict, markdown: str) -> None:
+    """The JSON report and its Markdown summary side by side."""
+    json_path.write_text(json.dumps(report, indent=2))
+    json_path.with_suffix(".md").write_text(markdown)

@@ -32,12 +32,10 @@ import argparse
 import datetime
 import json
 import math
-import os
 import sys
 import time
-from pathlib import Path
 
-from _common import git_commit, rel_l2
+from _common import git_commit, pick_device, rel_l2, report_path
 import torch
 import torch.nn.functional as F
 import triton
@@ -537,17 +535,10 @@ def main() -> int:
     parser.add_argument("--sweep", action="store_true", help="also time candidate tiles per kernel and shape")
     args = parser.parse_args()
     started = time.perf_counter()
-    if torch.cuda.is_available():
-        device = torch.device("cuda")
-        gpu = torch.cuda.get_device_name(device)
-    elif args.smoke and os.environ.get("TRITON_INTERPRET") == "1":
-        device, gpu = torch.device("cpu"), "cpu (Triton interpreter)"
-    else:
-        print("needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)", file=sys.stderr)
+    picked = pick_device(args.smoke)
+    if picked is None:
         return 2
-    # The float32 reference must be true float32 (no TF32 in its matmuls).
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    device, gpu = picked
 
     print(f"# flash_expert on {gpu}; torch {torch.__version__}, triton {triton.__version__}\n")
     checks = run_checks(device, args.smoke)
@@ -568,9 +559,7 @@ def main() -> int:
         "results": [],
         "sweep": None,
     }
-    out = Path(args.out)
-    json_path = out if out.suffix == ".json" else out / "flash_expert_gpu.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path = report_path(args.out, "flash_expert_gpu.json")
 
     def write_report():  # after each phase, so a later failure keeps what came before
         report["wall_s"] = time.perf_counter() - started

@@ -37,13 +37,11 @@ import datetime
 import importlib.resources
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
-from _common import git_commit, no_host_sync, rel_l2, time_ms
+from _common import git_commit, no_host_sync, pick_device, rel_l2, report_path, time_ms, write_report
 import torch
 import torch.nn.functional as F
 import triton
@@ -600,16 +598,10 @@ def main() -> int:
     parser.add_argument("--skip-sweep", action="store_true")
     args = parser.parse_args()
     started = time.perf_counter()
-    if torch.cuda.is_available():
-        device, gpu = torch.device("cuda"), torch.cuda.get_device_name()
-    elif args.smoke and os.environ.get("TRITON_INTERPRET") == "1":
-        device, gpu = torch.device("cpu"), "cpu (Triton interpreter)"
-    else:
-        print("needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)", file=sys.stderr)
+    picked = pick_device(args.smoke)
+    if picked is None:
         return 2
-    # The float32 reference must be true float32 (no TF32 in its matmuls).
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    device, gpu = picked
     print(f"# moeflux experts forward + backward on {gpu}; torch {torch.__version__}, triton {triton.__version__}\n")
     peak = dense_peak_tflops(device, args.smoke)
     print(f"dense peak (torch 8192^3 bfloat16 matmul): {peak:.0f} TFLOP/s\n")
@@ -684,11 +676,8 @@ def main() -> int:
         "results": rows, "geomean_speedup": speedup, "geomean_activation_memory_ratio": memory_ratio,
         "weight_grad_sweeps": sweeps, "wall_s": time.perf_counter() - started,
     }  # fmt: skip
-    out = Path(args.out)
-    json_path = out if out.suffix == ".json" else out / "moe_train_gpu.json"
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(report, indent=2))
-    json_path.with_suffix(".md").write_text(summary)
+    json_path = report_path(args.out, "moe_train_gpu.json")
+    write_report(json_path, report, summary)
     print(f"wrote {json_path} ({report['wall_s']:.0f} s)")
     return 0 if checks_ok else 1
 

@@ -96,20 +96,22 @@ def max_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
     return num_pairs // block_m + min(num_experts, num_pairs)
 
 
-def check_expert_ids(expert_ids: torch.Tensor, num_experts: int) -> None:
-    """Raise ``IndexError`` unless every id of ``expert_ids`` lies in ``[0, num_experts)``.
+def check_index_range(ids: torch.Tensor, upper: int, *, name: str, meaning: str) -> None:
+    """Raise ``IndexError`` unless every element of ``ids`` lies in ``[0, upper)``.
 
     One min/max reduction and a copy of two numbers to the host: it synchronises the device,
-    so it cannot run inside a CUDA graph capture.
+    so it cannot run inside a CUDA graph capture. ``name`` and ``meaning`` go into the message.
     """
-    if expert_ids.numel() == 0:
+    if ids.numel() == 0:
         return
-    lowest, highest = torch.stack(torch.aminmax(expert_ids)).tolist()  # one device-to-host copy
-    if lowest < 0 or highest >= num_experts:
-        raise IndexError(
-            f"expert_ids must lie in [0, {num_experts}) (ids of the {num_experts} routed experts), "
-            f"found min {lowest} and max {highest}"
-        )
+    lowest, highest = torch.stack(torch.aminmax(ids)).tolist()  # one device-to-host copy
+    if lowest < 0 or highest >= upper:
+        raise IndexError(f"{name} must lie in [0, {upper}) ({meaning}), found min {lowest} and max {highest}")
+
+
+def check_expert_ids(expert_ids: torch.Tensor, num_experts: int) -> None:
+    """Raise ``IndexError`` unless every id of ``expert_ids`` lies in ``[0, num_experts)`` (a host sync)."""
+    check_index_range(expert_ids, num_experts, name="expert_ids", meaning=f"ids of the {num_experts} routed experts")
 
 
 def build_dispatch_plan(

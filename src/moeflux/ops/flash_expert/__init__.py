@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from moeflux.backends import resolve_backend
+from moeflux.ops.dispatch import check_index_range
 from moeflux.ops.flash_expert.naive import flash_expert_torch
 
 if TYPE_CHECKING:
@@ -86,7 +87,9 @@ def flash_expert(
     """
     _check_inputs(hidden_states, down_weights, up_weights, indices, routing_weights)
     if check_indices:
-        _check_index_range(indices, down_weights.shape[0])
+        check_index_range(
+            indices, down_weights.shape[0], name="flash_expert: indices", meaning="num_experts = down_weights.shape[0]"
+        )
     requested = backend
     backend = resolve_backend(backend, hidden_states.device)
     if backend == "triton" and requested == "auto" and hidden_states.dtype == torch.float64:
@@ -142,17 +145,6 @@ def _check_inputs(
     if len(set(devices.values())) > 1:
         listed = ", ".join(f"{name} on {device}" for name, device in devices.items())
         raise ValueError(f"flash_expert: all inputs must be on one device, got {listed}")
-
-
-def _check_index_range(indices: torch.Tensor, num_experts: int) -> None:
-    if indices.numel() == 0:
-        return
-    lowest, highest = torch.stack(torch.aminmax(indices)).tolist()  # one device-to-host copy
-    if lowest < 0 or highest >= num_experts:
-        raise IndexError(
-            f"flash_expert: indices must lie in [0, {num_experts}) (num_experts = down_weights.shape[0]), "
-            f"found min {lowest} and max {highest}"
-        )
 
 
 __all__ = ["flash_expert"]
