@@ -73,7 +73,8 @@ def test_custom_kernel_returns_aux_and_handles_no_shared_expert(backend):
     out, aux = gpumode.custom_kernel(data, return_aux=True, backend=backend)
     assert torch.allclose(out, gpumode.ref_kernel(data), rtol=1e-2, atol=1e-2)
     assert set(aux) == {"router_probs", "expert_ids", "expert_weights", "tokens_per_expert",
-                        "load_balancing_loss", "router_z_loss"}  # fmt: skip
+                        "load_balancing_loss", "router_z_loss", "sequence_balance_loss",
+                        "dropped_per_expert"}  # fmt: skip
     assert aux["router_probs"].shape == (8, 4) and aux["router_probs"].dtype == torch.float32
     assert int(aux["tokens_per_expert"].sum()) == 16
     packed_out, packed_aux = packed_path(data, backend)

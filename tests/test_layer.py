@@ -73,13 +73,14 @@ def test_all_tokens_on_one_expert(backend):
 
 @pytest.mark.parametrize("backend", _backends())
 def test_batched_input_and_normalized_weights(backend):
-    config = moeflux.MoEConfig(hidden_size=32, expert_size=16, num_experts=6, top_k=3, normalize_topk=True)
+    config = moeflux.MoEConfig(hidden_size=32, expert_size=16, num_experts=6, top_k=3,
+                               router=moeflux.RouterConfig(normalize_topk=True))
     layer = moeflux.MoE(config, backend=backend)
     x = torch.randn(2, 5, 32)
     out, aux = layer(x)
     assert out.shape == (2, 5, 32)
     assert torch.allclose(aux.expert_weights.sum(-1), torch.ones(10), atol=1e-6)
-    flat_out, _ = moeflux.moe(x.reshape(10, 32), layer.weights, top_k=3, normalize_topk=True, backend=backend)
+    flat_out, _ = moeflux.moe(x.reshape(10, 32), layer.weights, top_k=3, router=config.router, backend=backend)
     assert torch.allclose(out.reshape(10, 32), flat_out)
     probs64 = softmax64(x.reshape(10, 32).double() @ layer.router.double().T)
     chosen = probs64.gather(1, aux.expert_ids)
@@ -165,3 +166,160 @@ def test_triton_layer_gradients_match_torch_layer(dtype):
     for name, actual, expected in zip(("x", "router", "gate_up", "down"), grads["triton"], grads["torch"]):
         assert actual is not None and actual.dtype == dtype, name
         assert rel_l2(actual, expected) < tolerance, name
+
+
+# ---- routing variants through the layer ------------------------------------------------------
+
+# (what it exercises, E, k, router)
+ROUTERS = [
+    ("mixtral: renormalised softmax", 6, 2, moeflux.RouterConfig(normalize_topk=True)),
+    ("gpt-oss: softmax after top-k", 6, 3, moeflux.RouterConfig(softmax_after_topk=True)),
+    ("deepseek-v3: sigmoid, bias, groups, scaled", 8, 3, moeflux.RouterConfig(
+        scoring="sigmoid", expert_bias=True, num_groups=4, topk_groups=2, normalize_topk=True, scaling_factor=2.5)),
+    ("capacity: factor 0.5 drops pairs", 4, 2, moeflux.RouterConfig(capacity_factor=0.5)),
+]
+
+
+def _expected_weights(logits64, bias, k, router):
+    """The chosen experts and weights, in float64, from each model's formula."""
+    if router.softmax_after_topk:  # gpt-oss
+        values, ids = logits64.topk(k, -1)
+        return ids, torch.softmax(values, -1)
+    if router.scoring == "sigmoid":  # DeepSeek-V3
+        scores = logits64.sigmoid()
+        choice = scores + bias.double()
+        T, E, G = *choice.shape, router.num_groups
+        group_scores = choice.view(T, G, E // G).topk(2, -1).values.sum(-1)
+        keep = torch.zeros(T, G, dtype=torch.bool).scatter_(1, group_scores.topk(router.topk_groups, -1).indices, True)
+        ids = choice.masked_fill(~keep.repeat_interleave(E // G, 1), float("-inf")).topk(k, -1).indices
+        weights = scores.gather(1, ids)
+        return ids, router.scaling_factor * weights / weights.sum(-1, keepdim=True)
+    weights, ids = softmax64(logits64).topk(k, -1)
+    return ids, weights / weights.sum(-1, keepdim=True) if router.normalize_topk else weights
+
+
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("case", ROUTERS, ids=[c[0] for c in ROUTERS])
+def test_router_variants_match_float64_reference(case, backend):
+    _, E, k, router = case
+    config = moeflux.MoEConfig(hidden_size=24, expert_size=16, num_experts=E, top_k=k, num_shared_experts=1,
+                               router=router)  # fmt: skip
+    torch.manual_seed(0)
+    layer = moeflux.MoE(config, backend=backend)
+    if router.expert_bias:
+        layer.expert_bias.copy_(0.2 * torch.randn(E))
+    x = torch.randn(2, 7, 24)
+    out, aux = layer(x)
+    tokens = x.reshape(14, 24)
+    ids, weights = _expected_weights(tokens.double() @ layer.router.double().T, layer.expert_bias, k, router)
+    assert torch.equal(aux.expert_ids, ids)
+    capacity = router.capacity(14, E, k)
+    if capacity is not None:
+        kept = torch.zeros_like(ids, dtype=torch.bool)
+        for e in range(E):  # an expert keeps its first `capacity` pairs, token by token
+            rows, cols = (ids == e).nonzero(as_tuple=True)
+            kept[rows[:capacity], cols[:capacity]] = True
+        weights = torch.where(kept, weights, 0.0)
+        assert torch.equal(aux.dropped_per_expert, torch.bincount(ids[~kept], minlength=E))
+        assert int(aux.dropped_per_expert.sum()) > 0
+    torch.testing.assert_close(aux.expert_weights.double(), weights, rtol=1e-5, atol=1e-7)
+    expected = moe64(tokens, layer.router, layer.gate_up, layer.down, ids, weights, 1)
+    assert rel_l2(out.reshape(14, 24), expected) < 1e-5
+
+
+@pytest.mark.parametrize("case", ROUTERS, ids=[c[0] for c in ROUTERS])
+def test_triton_router_gradients_match_torch_for_each_variant(case):
+    """The router weight's gradient through the Triton routing (output, every aux loss) against the torch path."""
+    _, E, k, router = case
+    config = moeflux.MoEConfig(hidden_size=16, expert_size=8, num_experts=E, top_k=k, num_shared_experts=1,
+                               router=router)  # fmt: skip
+    weights = moeflux.MoEWeights.random(config, generator=torch.Generator().manual_seed(2))
+    if router.expert_bias:
+        weights.expert_bias.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(3, 4, 16)
+    grads = {}
+    for backend in ("torch", "triton"):
+        leaf = weights.router.clone().requires_grad_()
+        packed = moeflux.MoEWeights(leaf, weights.gate_up, weights.down, weights.expert_bias)
+        out, aux = moeflux.moe(x, packed, k, router=router, backend=backend)
+        loss = out.square().sum() + aux.load_balancing_loss + aux.sequence_balance_loss + 0.1 * aux.router_z_loss
+        loss.backward()
+        grads[backend] = leaf.grad
+    assert grads["torch"].abs().sum() > 0
+    assert rel_l2(grads["triton"], grads["torch"]) < 1e-5
+
+
+def test_deepseek_layer_gradients_by_finite_differences():
+    """Every gradient of a DeepSeek-V3-routed layer (and its aux losses) in float64."""
+    router = moeflux.RouterConfig(scoring="sigmoid", expert_bias=True, num_groups=2, topk_groups=1,
+                                  normalize_topk=True, scaling_factor=2.5)  # fmt: skip
+    config = moeflux.MoEConfig(hidden_size=6, expert_size=4, num_experts=4, top_k=2, num_shared_experts=1, router=router)
+    torch.manual_seed(4)
+    weights = moeflux.MoEWeights.random(config, dtype=torch.float64)
+    bias = 0.1 * torch.randn(4)
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    leaves = [x, weights.router.requires_grad_(), weights.gate_up.requires_grad_(), weights.down.requires_grad_()]
+
+    def layer(x, router_weight, gate_up, down):
+        out, aux = moeflux.moe(x, moeflux.MoEWeights(router_weight, gate_up, down, bias), top_k=2, router=router,
+                               backend="torch")  # fmt: skip
+        return out, aux.load_balancing_loss, aux.sequence_balance_loss, aux.router_z_loss, aux.expert_weights
+
+    assert torch.autograd.gradcheck(layer, leaves, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_expert_bias_is_a_buffer_that_steers_the_router(backend):
+    router = moeflux.RouterConfig(scoring="sigmoid", expert_bias=True)
+    config = moeflux.MoEConfig(hidden_size=16, expert_size=8, num_experts=4, top_k=1, router=router)
+    layer = moeflux.MoE(config, backend=backend)
+    assert "expert_bias" in dict(layer.named_buffers()) and "expert_bias" in layer.state_dict()
+    assert "expert_bias" not in dict(layer.named_parameters())
+    assert layer.expert_bias.dtype == torch.float32 and layer.expert_bias.tolist() == [0.0] * 4
+    x = torch.randn(10, 16)
+    _, before = layer(x)
+    layer.expert_bias[2] = 10.0  # in place: the next forward routes with it
+    out, after = layer(x)
+    assert (after.expert_ids == 2).all()
+    torch.testing.assert_close(after.expert_weights, after.router_probs[:, 2:3])  # unbiased weights
+    (out.sum() + after.load_balancing_loss).backward()
+    assert layer.expert_bias.grad is None and layer.router.grad is not None
+    assert not torch.equal(before.expert_ids, after.expert_ids)
+
+
+def test_module_without_expert_bias_has_none():
+    layer = moeflux.MoE(moeflux.MoEConfig(hidden_size=16, expert_size=8, num_experts=4, top_k=1))
+    assert layer.expert_bias is None and layer.weights.expert_bias is None
+    assert "expert_bias" not in layer.state_dict()
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_jitter_perturbs_the_router_input_in_training_only(backend):
+    router = moeflux.RouterConfig(jitter=0.5)
+    config = moeflux.MoEConfig(hidden_size=16, expert_size=8, num_experts=8, top_k=2, num_shared_experts=1,
+                               router=router)  # fmt: skip
+    layer = moeflux.MoE(config, backend=backend)
+    x = torch.randn(32, 16)
+    plain_out, plain = moeflux.moe(x, layer.weights, 2, backend=backend)
+    layer.eval()
+    eval_out, evaluated = layer(x)
+    assert torch.equal(eval_out, plain_out) and torch.equal(evaluated.router_probs, plain.router_probs)
+    layer.train()
+    out, jittered = layer(x)
+    assert not torch.allclose(jittered.router_probs, plain.router_probs)
+    # The experts see the un-jittered input: the output is the reference on x with the jittered choice.
+    expected = moe64(x, layer.router, layer.gate_up, layer.down, jittered.expert_ids, jittered.expert_weights, 1)
+    assert rel_l2(out, expected) < 1e-5
+    _, again = layer(x)  # fresh noise at every training forward
+    assert not torch.equal(again.router_probs, jittered.router_probs)
+
+
+def test_aux_sequence_loss_splits_a_batched_input():
+    config = moeflux.MoEConfig(hidden_size=16, expert_size=8, num_experts=4, top_k=2)
+    layer = moeflux.MoE(config, backend="torch")
+    x = torch.randn(3, 5, 16)
+    _, aux = layer(x)
+    expected = moeflux.sequence_balance_loss(aux.router_probs, aux.expert_ids, sequence_length=5)
+    torch.testing.assert_close(aux.sequence_balance_loss, expected)
+    _, flat = layer(x.reshape(15, 16))  # [T, H]: one sequence, the batch-level loss
+    torch.testing.assert_close(flat.sequence_balance_loss, flat.load_balancing_loss)

@@ -62,3 +62,24 @@ def test_inconsistent_packed_weights_are_rejected():
         moeflux.MoEWeights(w.router, w.gate_up[:, :, :6], w.down).validate()
     with pytest.raises(TypeError, match="mixed dtypes"):
         moeflux.MoEWeights(w.router, w.gate_up.double(), w.down).validate()
+
+
+def test_expert_bias_is_float32_zeros_when_the_router_asks_for_it():
+    plain = moeflux.MoEConfig(hidden_size=8, expert_size=4, num_experts=3, top_k=1)
+    assert moeflux.MoEWeights.random(plain, dtype=torch.bfloat16).expert_bias is None
+    router = moeflux.RouterConfig(scoring="sigmoid", expert_bias=True)
+    config = moeflux.MoEConfig(hidden_size=8, expert_size=4, num_experts=3, top_k=1, router=router)
+    w = moeflux.MoEWeights.random(config, dtype=torch.bfloat16)
+    assert w.expert_bias.dtype == torch.float32 and w.expert_bias.tolist() == [0.0, 0.0, 0.0]
+    w.validate()
+    seed = moeflux.MoEWeights.from_seed_weights(w.to_seed_weights(), config)
+    assert seed.expert_bias.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_bad_expert_bias_is_rejected():
+    config = moeflux.MoEConfig(hidden_size=8, expert_size=4, num_experts=3, top_k=1)
+    w = moeflux.MoEWeights.random(config)
+    with pytest.raises(ValueError, match=r"float32 \[E=3\], got torch.float32 \[4\]"):
+        moeflux.MoEWeights(w.router, w.gate_up, w.down, torch.zeros(4)).validate()
+    with pytest.raises(ValueError, match=r"float32 \[E=3\], got torch.float16 \[3\]"):
+        moeflux.MoEWeights(w.router, w.gate_up, w.down, torch.zeros(3, dtype=torch.float16)).validate()

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeflux.backends import resolve_backend
-from moeflux.config import MoEConfig
-from moeflux.losses import load_balancing_loss, router_z_loss
+from moeflux.config import MoEConfig, RouterConfig
+from moeflux.losses import batch_balance_loss, load_balancing_loss, router_z_loss, sequence_balance_loss
 from moeflux.ops.experts import run_experts
 from moeflux.ops.routing import Routing, route
 from moeflux.weights import MoEWeights
@@ -23,12 +23,21 @@ class MoEAux:
     """What a trainer needs beside the layer's output (``T`` tokens, ``E`` routed experts).
 
     Attributes:
-        router_probs: ``[T, E]`` float32 softmax of the router logits.
-        expert_ids: ``[T, k]`` int64 chosen experts, most probable first.
-        expert_weights: ``[T, k]`` float32 weights of the chosen experts.
-        tokens_per_expert: ``[E]`` int64 (token, slot) pairs per expert.
-        load_balancing_loss: scalar, ``E * sum_i f_i * P_i`` (see :func:`moeflux.losses.load_balancing_loss`).
+        router_probs: ``[T, E]`` float32 router scores: the softmax of the router logits, or
+            their sigmoid with ``RouterConfig(scoring="sigmoid")`` (see :class:`moeflux.ops.Routing`).
+        expert_ids: ``[T, k]`` int64 chosen experts, best first.
+        expert_weights: ``[T, k]`` float32 weights of the chosen experts (0 where dropped).
+        tokens_per_expert: ``[E]`` int64 (token, slot) pairs per expert, as the router chose
+            them (before any capacity drop); what :class:`moeflux.balancing.ExpertBiasUpdater` reads.
+        load_balancing_loss: scalar, ``E * sum_i f_i * P_i`` over the batch: Switch's loss
+            (:func:`moeflux.losses.load_balancing_loss`) for softmax scores, DeepSeek-V3's
+            batch-wise loss (:func:`moeflux.losses.batch_balance_loss`) for sigmoid scores.
         router_z_loss: scalar, ``mean_t logsumexp(logits_t)^2``.
+        sequence_balance_loss: scalar, DeepSeek-V3's sequence-wise balance loss
+            (:func:`moeflux.losses.sequence_balance_loss`), each row of a ``[B, S, H]`` input a
+            sequence (a ``[T, H]`` input is one sequence).
+        dropped_per_expert: ``[E]`` int64 pairs dropped by ``RouterConfig.capacity_factor``
+            (zeros without it).
     """
 
     router_probs: torch.Tensor
@@ -37,17 +46,40 @@ class MoEAux:
     tokens_per_expert: torch.Tensor
     load_balancing_loss: torch.Tensor
     router_z_loss: torch.Tensor
+    sequence_balance_loss: torch.Tensor
+    dropped_per_expert: torch.Tensor
 
     @classmethod
-    def from_routing(cls, routing: Routing, top_k: int) -> "MoEAux":
-        """The router's decisions plus both auxiliary losses computed from them."""
+    def from_routing(
+        cls,
+        routing: Routing,
+        top_k: int,
+        *,
+        router: RouterConfig = RouterConfig(),
+        sequence_length: int | None = None,
+    ) -> "MoEAux":
+        """The router's decisions plus the auxiliary losses computed from them.
+
+        ``sequence_length``: tokens per sequence for :attr:`sequence_balance_loss` (``None``:
+        all tokens are one sequence).
+        """
+        probs, counts = routing.router_probs, routing.tokens_per_expert
+        if router.scoring == "sigmoid":
+            balance = batch_balance_loss(probs, counts, top_k)
+        else:
+            balance = load_balancing_loss(probs, counts, top_k)
+        num_tokens = probs.shape[0]
         return cls(
-            router_probs=routing.router_probs,
+            router_probs=probs,
             expert_ids=routing.expert_ids,
             expert_weights=routing.expert_weights,
-            tokens_per_expert=routing.tokens_per_expert,
-            load_balancing_loss=load_balancing_loss(routing.router_probs, routing.tokens_per_expert, top_k),
+            tokens_per_expert=counts,
+            load_balancing_loss=balance,
             router_z_loss=router_z_loss(routing.logsumexp),
+            sequence_balance_loss=sequence_balance_loss(
+                probs, routing.expert_ids, sequence_length or max(num_tokens, 1)
+            ),
+            dropped_per_expert=routing.dropped_per_expert,
         )
 
     def as_dict(self) -> dict[str, torch.Tensor]:
@@ -59,13 +91,15 @@ def moe(
     weights: MoEWeights,
     top_k: int,
     *,
-    normalize_topk: bool = False,
+    router: RouterConfig = RouterConfig(),
+    training: bool = False,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, MoEAux]:
     """DeepSeek-style MoE forward.
 
-    ``probs = softmax(x @ W_g.T)``; each token takes its ``top_k`` most probable experts with
-    weights ``probs`` (renormalised to sum 1 if ``normalize_topk``); expert ``e`` computes
+    ``logits = x @ W_g.T``; the router (:class:`moeflux.RouterConfig`; by default
+    ``probs = softmax(logits)``, each token's ``top_k`` most probable experts, weighted by
+    ``probs``) picks experts ``e_j`` with weights ``w_j``; expert ``e`` computes
     ``SwiGLU_e(x) = (silu(x @ W_gate[e]) * (x @ W_up[e])) @ W_down[e]``;
     ``out = sum_j w_j * SwiGLU_{e_j}(x) + SharedSwiGLU(x)``.
 
@@ -73,9 +107,12 @@ def moe(
         x: ``[T, H]`` or ``[B, S, H]``, float32 / float16 / bfloat16 (float64 on the torch backend).
             Non-contiguous inputs are accepted. NaN or Inf in a token propagates to that
             token's output and router probabilities; its expert ids stay in range.
-        weights: packed weights in ``x``'s dtype and device (see :class:`moeflux.MoEWeights`).
+        weights: packed weights in ``x``'s dtype and device (see :class:`moeflux.MoEWeights`);
+            ``weights.expert_bias`` is required exactly when ``router.expert_bias`` is on.
         top_k: routed experts per token, ``1 <= top_k <= E``.
-        normalize_topk: renormalise the chosen weights per token.
+        router: the routing rule; default: softmax, top-k, no renormalisation.
+        training: apply the router's training-only ``jitter`` (the router input alone is
+            multiplied by ``U(1 - jitter, 1 + jitter)``; the experts see ``x``).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`moeflux.backends`).
 
     Returns:
@@ -85,17 +122,24 @@ def moe(
         >>> cfg = moeflux.MoEConfig(hidden_size=64, expert_size=32, num_experts=8, top_k=2)
         >>> w = moeflux.MoEWeights.random(cfg)
         >>> out, aux = moeflux.moe(torch.randn(10, 64), w, top_k=2)
+        >>> mixtral = moeflux.RouterConfig(normalize_topk=True)
+        >>> out, aux = moeflux.moe(torch.randn(10, 64), w, top_k=2, router=mixtral)
     """
-    _check_inputs(x, weights, top_k)
+    _check_inputs(x, weights, top_k, router)
     backend = resolve_backend(backend, x.device)
     x_tokens = x.reshape(-1, x.shape[-1])
-    logits = F.linear(x_tokens, weights.router)
-    routing = route(logits, top_k, normalize=normalize_topk, backend=backend)
+    router_input = x_tokens
+    if training and router.jitter > 0:
+        noise = torch.empty_like(x_tokens).uniform_(1.0 - router.jitter, 1.0 + router.jitter)
+        router_input = x_tokens * noise
+    logits = F.linear(router_input, weights.router)
+    routing = route(logits, top_k, router=router, expert_bias=weights.expert_bias, backend=backend)
     out = run_experts(x_tokens, routing.expert_ids, routing.expert_weights, weights, backend=backend)
-    return out.view(x.shape), MoEAux.from_routing(routing, top_k)
+    sequence_length = x.shape[1] if x.dim() == 3 else None
+    return out.view(x.shape), MoEAux.from_routing(routing, top_k, router=router, sequence_length=sequence_length)
 
 
-def _check_inputs(x: torch.Tensor, weights: MoEWeights, top_k: int) -> None:
+def _check_inputs(x: torch.Tensor, weights: MoEWeights, top_k: int, router: RouterConfig) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     weights.validate()
@@ -111,15 +155,21 @@ def _check_inputs(x: torch.Tensor, weights: MoEWeights, top_k: int) -> None:
         raise ValueError(f"x is on {x.device} but the weights are on {weights.device}")
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= weights.num_experts:
         raise ValueError(f"top_k={top_k!r} must be an int in 1..{weights.num_experts} (the number of routed experts)")
+    if not isinstance(router, RouterConfig):
+        raise TypeError(f"router must be a RouterConfig, got {type(router).__name__}")
 
 
 class MoE(nn.Module):
     """DeepSeek-style MoE layer owning its packed weights.
 
     Parameters (the packed layout of :class:`moeflux.MoEWeights`): ``router [E, H]``,
-    ``gate_up [E + S, H, 2D]``, ``down [E + S, D, H]``.
+    ``gate_up [E + S, H, 2D]``, ``down [E + S, D, H]``. With ``config.router.expert_bias`` on,
+    a buffer ``expert_bias [E]`` float32 (zeros unless ``weights`` bring one): saved in the
+    state dict, moved by :meth:`to`, never trained by gradients (see
+    :class:`moeflux.balancing.ExpertBiasUpdater`).
 
-    ``forward(x)`` returns ``(out, aux)`` exactly as :func:`moeflux.moe`.
+    ``forward(x)`` returns ``(out, aux)`` exactly as :func:`moeflux.moe` with the config's
+    router, ``training=self.training`` (router jitter only in training mode).
 
     Example:
         >>> layer = moeflux.MoE(moeflux.MoEConfig(hidden_size=64, expert_size=32, num_experts=8, top_k=2))
@@ -149,19 +199,34 @@ class MoE(nn.Module):
         self.router = nn.Parameter(weights.router)
         self.gate_up = nn.Parameter(weights.gate_up)
         self.down = nn.Parameter(weights.down)
+        if config.router.expert_bias:
+            bias = weights.expert_bias
+            if bias is None:
+                bias = torch.zeros(config.num_experts, device=weights.device, dtype=torch.float32)
+            self.register_buffer("expert_bias", bias)
+        elif weights.expert_bias is not None:
+            raise ValueError("the weights carry an expert_bias but config.router.expert_bias is off; turn it on to use it")
+        else:
+            self.expert_bias = None
         self._weights: MoEWeights | None = None
 
     def reset_parameters(self) -> None:
+        """Fresh random weights (:meth:`MoEWeights.normal_`) and a zero ``expert_bias``."""
         self.weights.normal_()
+        if self.expert_bias is not None:
+            with torch.no_grad():
+                self.expert_bias.zero_()
 
     @property
     def weights(self) -> MoEWeights:
         """The parameters as :class:`MoEWeights`; one object kept across calls, so the
         address tables the Triton kernels read are built once."""
         cached = self._weights
-        current = (self.router, self.gate_up, self.down)
-        if cached is None or any(a is not b for a, b in zip((cached.router, cached.gate_up, cached.down), current)):
-            self._weights = MoEWeights(router=self.router, gate_up=self.gate_up, down=self.down)
+        current = (self.router, self.gate_up, self.down, self.expert_bias)
+        if cached is None or any(
+            a is not b for a, b in zip((cached.router, cached.gate_up, cached.down, cached.expert_bias), current)
+        ):
+            self._weights = MoEWeights(*current)
         return self._weights
 
     @classmethod
@@ -175,7 +240,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         return moe(
-            x, self.weights, self.config.top_k, normalize_topk=self.config.normalize_topk, backend=self.backend
+            x, self.weights, self.config.top_k, router=self.config.router, training=self.training, backend=self.backend
         )
 
     def extra_repr(self) -> str:
@@ -183,4 +248,5 @@ class MoE(nn.Module):
         return (
             f"hidden_size={c.hidden_size}, expert_size={c.expert_size}, num_experts={c.num_experts}, "
             f"top_k={c.top_k}, num_shared_experts={c.num_shared_experts}, backend={self.backend!r}"
+            + ("" if c.router == RouterConfig() else f", router={c.router}")
         )

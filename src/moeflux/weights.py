@@ -27,11 +27,16 @@ class MoEWeights:
         gate_up: ``[E + S, H, 2 * D]``; columns ``[:D]`` are ``W_gate``, ``[D:]`` are ``W_up``.
             Experts ``E .. E + S - 1`` are the slices of the shared expert.
         down: ``[E + S, D, H]``, ``W_down``.
+        expert_bias: ``None``, or ``[E]`` float32: the router's per-expert correction bias
+            (:attr:`moeflux.RouterConfig.expert_bias`), added to the scores the router ranks
+            experts by and never to the weights; not trained by gradients (see
+            :class:`moeflux.balancing.ExpertBiasUpdater`).
     """
 
     router: torch.Tensor
     gate_up: torch.Tensor
     down: torch.Tensor
+    expert_bias: torch.Tensor | None = None
     _tables: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def expert_tables(self):
@@ -96,12 +101,20 @@ class MoEWeights:
         devices = {t.device for t in tensors.values()}
         if len(devices) != 1:
             raise ValueError(f"MoEWeights tensors live on different devices {sorted(map(str, devices))}")
+        bias = self.expert_bias
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or bias.dtype != torch.float32 or tuple(bias.shape) != (E,):
+                described = f"{bias.dtype} {list(bias.shape)}" if isinstance(bias, torch.Tensor) else type(bias).__name__
+                raise ValueError(f"MoEWeights.expert_bias must be None or float32 [E={E}], got {described}")
+            if bias.device != self.router.device:
+                raise ValueError(f"MoEWeights.expert_bias is on {bias.device} but the weights are on {self.router.device}")
 
     @classmethod
     def empty(
         cls, config: MoEConfig, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
     ) -> "MoEWeights":
-        """Uninitialised weights with the shapes of ``config``."""
+        """Uninitialised weights with the shapes of ``config``; a zero ``expert_bias`` when
+        ``config.router.expert_bias`` is on."""
         E, S = config.num_experts, config.num_shared_experts
         H, D = config.hidden_size, config.expert_size
         kwargs = {"device": device, "dtype": dtype}
@@ -109,6 +122,7 @@ class MoEWeights:
             router=torch.empty(E, H, **kwargs),
             gate_up=torch.empty(E + S, H, 2 * D, **kwargs),
             down=torch.empty(E + S, D, H, **kwargs),
+            expert_bias=torch.zeros(E, device=device, dtype=torch.float32) if config.router.expert_bias else None,
         )
 
     @classmethod
