@@ -54,5 +54,59 @@ def main() -> None:
             torch.cuda.empty_cache()
 
 
+
+
+def host_parts() -> None:
+    """Host time of the steps of a harness-style call (CUDA graph path), without a profiler."""
+    from moeflux.config import MoEConfig
+    from moeflux.expert_tables import ExpertTables
+
+    for shape in competition_shapes("tests")[:1] + competition_shapes("benchmarks")[:1]:
+        parts: dict[str, list[float]] = {"tables": [], "call": [], "call_then_sync": [], "sync_only": []}
+        for call in range(8):
+            data = gpumode.generate_input(**{**shape.seed_args(), "seed": shape.seed + call}, device="cuda")
+            x, weights, config = data
+            torch.cuda.synchronize()
+            begin = time.perf_counter_ns()
+            ExpertTables.from_seed_weights(weights, MoEConfig.from_seed_config(config), dtype=x.dtype, device=x.device)
+            parts["tables"].append((time.perf_counter_ns() - begin) / 1e6)
+            torch.cuda.synchronize()
+            begin = time.perf_counter_ns()
+            gpumode.custom_kernel(data)
+            parts["call"].append((time.perf_counter_ns() - begin) / 1e6)
+            torch.cuda.synchronize()
+            parts["call_then_sync"].append((time.perf_counter_ns() - begin) / 1e6)
+            begin = time.perf_counter_ns()
+            torch.cuda.synchronize()
+            parts["sync_only"].append((time.perf_counter_ns() - begin) / 1e6)
+            del data, x, weights
+        print(shape.name, {k: round(statistics.median(v[2:]), 3) for k, v in parts.items()})
+
+
+def profile_calls(out_dir: str) -> None:
+    """Chrome traces of harness-style ``custom_kernel`` calls (fresh input before each), to
+    see where the time between the call's start and its first GEMM goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for shape in competition_shapes("tests")[:1] + competition_shapes("benchmarks")[:1]:
+        for call in range(4):
+            data = gpumode.generate_input(**{**shape.seed_args(), "seed": shape.seed + call}, device="cuda")
+            torch.cuda.synchronize()
+            if call < 3:
+                gpumode.custom_kernel(data)
+                continue
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as trace:
+                torch.cuda.synchronize()
+                gpumode.custom_kernel(data)
+                torch.cuda.synchronize()
+            trace.export_chrome_trace(f"{out_dir}/harness_{shape.name}.json")
+            del data
+        torch.cuda.empty_cache()
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    host_parts()
+    if len(sys.argv) > 1:
+        profile_calls(sys.argv[1])

@@ -148,3 +148,36 @@ def test_grouped_matmul_autograd(gather, scatter):
         run(a, w).backward(grad_out)
         grads.append((a.grad, w.grad))
     assert rel_l2(grads[0][0], grads[1][0]) < 1e-5 and rel_l2(grads[0][1], grads[1][1]) < 1e-5
+
+
+def test_column_bands_cover_H():
+    from moeflux.ops.experts.autograd import _column_bands
+
+    for H, D in [(7168, 2048), (2048, 768), (4096, 14336), (1040, 8), (24, 8), (3000, 100)]:
+        bands = _column_bands(H, D)
+        assert bands[0][0] == 0 and bands[-1][1] == H
+        assert all(last == first for (_, last), (first, _) in zip(bands, bands[1:]))
+        assert all(0 < last - first <= max(2 * D, 1024, 256) for first, last in bands)
+        assert all((last - first) % 256 == 0 for first, last in bands[:-1])
+    assert len(_column_bands(7168, 2048)) == 2 and len(_column_bands(4096, 14336)) == 1
+
+
+def test_dx_in_column_bands_matches_torch():
+    # H = 1040 > max(2D, 1024): dx is made in two bands of columns (768 + 272).
+    inputs = make_inputs(9, 1040, 8, 4, 1, 2, torch.float32, seed=5)
+    grad_out = torch.randn(9, 1040, generator=torch.Generator().manual_seed(1), device=DEVICE)
+    triton = output_and_grads(triton_small, inputs, grad_out)
+    exact = output_and_grads(experts_torch, inputs, grad_out, torch.float32)
+    for name, actual, expected in zip(NAMES, triton, exact):
+        assert rel_l2(actual, expected) < TOLERANCE_VS_FP32[torch.float32], name
+
+
+def test_second_backward_raises():
+    # The backward overwrites its saved pre-activations with their gradient: a second
+    # backward through the same graph must refuse rather than read them as pre-activations.
+    x, expert_ids, expert_weights, gate_up, down, num_routed = make_inputs(5, 16, 8, 4, 0, 2, torch.float32, seed=2)
+    x.requires_grad_()
+    out = triton_small(x, expert_ids, expert_weights, gate_up, down, num_routed)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph=True is not supported"):
+        out.sum().backward()

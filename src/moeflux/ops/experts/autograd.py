@@ -14,7 +14,8 @@ Backward, given ``dout [T, H]``, reusing the forward's plan (no second sort)::
     dpre  = SwiGLU'(pre) * (w g)                       [P, 2D] sorted   (h recomputed from pre)
     dW_down[e]    = sum_r w(r) h[r]^T dout[token(r)]   weight-gradient kernel
     dW_gate_up[e] = sum_r x[token(r)]^T dpre[r]        weight-gradient kernel
-    dx[t] = sum_j (dpre @ W_gate_up[e]^T)[t k' + j]    grouped GEMM scattered to pair order + combine
+    dx[t] = sum_j (dpre @ W_gate_up[e]^T)[t k' + j]    grouped GEMM scattered to pair order + combine,
+                                                       a band of H columns at a time
 
 ``dw`` uses ``dout[t] . (h W_down) = h . (dout W_down^T)``: the ``[P, H]`` unscaled down output
 is neither saved nor recomputed, since ``g`` is needed anyway for ``dh = w g``.
@@ -27,6 +28,14 @@ plan. Per token, with ``b`` bytes per element: ``2 D k' b + 4 k'`` (weights) ``+
 41 KB for ``D = 2048, k' = 5`` in bfloat16. ``x`` and the weights are the caller's tensors,
 saved by reference. Not saved: the gathered input copy ``[P, H]``, ``h``, the down output
 ``[P, H]``.
+
+Backward workspace: ``dpre`` overwrites ``pre`` in place (its last reader is the kernel that
+writes it), so ``pre`` is kept on ``ctx`` rather than through ``save_for_backward`` and
+released by the backward: a second backward through the same graph (``retain_graph=True``)
+raises instead of reading gradients as pre-activations. ``dx``'s pair-order rows are made a
+band of at most ``max(2D, 1024)`` columns at a time, so that buffer is no larger than ``pre``
+(``[P, 2D]``). The backward's peak beyond its outputs is then about ``P (2D + min(H, 2D)) b``
+bytes, e.g. 0.49x of a ``torch._grouped_mm`` autograd step's on the competition's T = 8192.
 """
 
 from __future__ import annotations
@@ -38,9 +47,10 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from moeflux.memory import check_fits, experts_backward_bytes, per_token_bytes
 from moeflux.ops.dispatch import DispatchPlan, build_dispatch_plan
 from moeflux.ops.experts import check_same_device
-from moeflux.ops.experts.triton import combine_pairs
+from moeflux.ops.experts.triton import check_forward_memory, combine_pairs
 from moeflux.ops.grouped_matmul import GroupedMatmulConfig, grouped_matmul, select_config
 from moeflux.ops.grouped_matmul.weight_grad import WeightGradConfig, grouped_weight_grad
 
@@ -86,7 +96,7 @@ def _swiglu_kernel(
 def _swiglu_backward_kernel(
     pre_ptr,  # [P, 2D] gate | up, sorted
     g_h_ptr,  # [P, D] sorted: in g = dout W_down^T, out h (overwritten in place)
-    d_pre_ptr,  # [P, 2D] sorted
+    d_pre_ptr,  # [P, 2D] sorted (may be pre_ptr: each element is loaded before it is stored)
     pair_weights_ptr,  # [P] float32, pair order
     d_pair_weights_ptr,  # [P] float32, pair order
     sorted_to_pair_ptr,  # [P] int32
@@ -144,9 +154,10 @@ def _swiglu(pre: torch.Tensor) -> torch.Tensor:
 def _swiglu_backward(
     pre: torch.Tensor, g: torch.Tensor, pair_weights: torch.Tensor, plan: DispatchPlan
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dpre [P, 2D], dw [P] float32 pair order)``; overwrites ``g`` with ``h``."""
+    """``(dpre [P, 2D], dw [P] float32 pair order)``; overwrites ``g`` with ``h`` and ``pre``
+    with ``dpre`` (each element is read before it is written, by the same program)."""
     P, D = g.shape
-    d_pre = torch.empty_like(pre)
+    d_pre = pre
     d_pair_weights = torch.empty(P, device=pre.device, dtype=torch.float32)
     if P == 0:
         return d_pre, d_pair_weights
@@ -172,6 +183,7 @@ class ExpertsFunction(torch.autograd.Function):
         num_shared = num_experts - num_routed
         top_k = expert_ids.shape[1] + num_shared
         D = down.shape[1]
+        check_forward_memory(T, H, D, expert_ids.shape[1], num_routed, num_shared, x, training=True)
         # The plan is tiled for the first GEMM; the others re-tile it (a launch, not a sort).
         first = gemm_config or select_config(T * top_k, 2 * D, H, x.dtype, num_experts=num_experts)
         plan = build_dispatch_plan(
@@ -188,7 +200,8 @@ class ExpertsFunction(torch.autograd.Function):
         del hidden
         out = combine_pairs(pair_out.view(T, top_k, H))
 
-        ctx.save_for_backward(x, gate_up, down, pre, pair_weights)
+        ctx.save_for_backward(x, gate_up, down, pair_weights)
+        ctx.pre = pre  # overwritten by its gradient in the backward (see the module docstring)
         ctx.plan = plan
         ctx.routed_k = expert_ids.shape[1]
         ctx.expert_weights_dtype = expert_weights.dtype
@@ -198,11 +211,18 @@ class ExpertsFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out):
-        x, gate_up, down, pre, pair_weights = ctx.saved_tensors
+        x, gate_up, down, pair_weights = ctx.saved_tensors
+        pre, ctx.pre = ctx.pre, None
+        if pre is None:
+            raise RuntimeError(
+                "the Triton experts backward ran twice on one graph: its saved pre-activations were "
+                "overwritten by their gradients the first time (retain_graph=True is not supported)"
+            )
         plan: DispatchPlan = ctx.plan
         gemm_config, weight_grad_config = ctx.configs
         T, H = x.shape
         needs_x, _, needs_weights, needs_gate_up, needs_down = ctx.needs_input_grad[:5]
+        _check_backward_memory(plan, ctx.routed_k, H, down.shape[1], x)
         d_out = d_out.to(x.dtype)
 
         # [P, D] sorted: g = dout[token(r)] @ W_down[e]^T (the forward's gather, transposed weight),
@@ -220,13 +240,38 @@ class ExpertsFunction(torch.autograd.Function):
             d_gate_up = grouped_weight_grad(x, d_pre, plan, a_rows="tokens", config=weight_grad_config)
         d_x = None
         if needs_x:
-            d_x_pairs = _gemm(d_pre, gate_up.transpose(1, 2), plan, gemm_config, scatter=True)  # [P, H] pair order
-            del d_pre
-            d_x = combine_pairs(d_x_pairs.view(T, plan.top_k, H))
+            d_x = torch.empty(T, H, device=x.device, dtype=x.dtype)
+            for first, last in _column_bands(H, down.shape[1]):
+                # [P, band] pair order, then its per-token sum into d_x[:, first:last].
+                d_x_pairs = _gemm(d_pre, gate_up[:, first:last].transpose(1, 2), plan, gemm_config, scatter=True)
+                combine_pairs(d_x_pairs.view(T, plan.top_k, last - first), out=d_x[:, first:last])
+                del d_x_pairs
+        del d_pre
         d_weights = None
         if needs_weights:
             d_weights = d_pair_weights.view(T, plan.top_k)[:, : ctx.routed_k].to(ctx.expert_weights_dtype)
         return d_x, None, d_weights, d_gate_up, d_down, None, None, None, None
+
+
+def _column_bands(H: int, D: int) -> list[tuple[int, int]]:
+    """``[first, last)`` column ranges splitting ``H`` into equal bands of at most
+    ``max(2D, 1024)`` columns, each a multiple of 256 but the last."""
+    num_bands = -(-H // max(2 * D, 1024))
+    width = -(-H // num_bands)
+    width = -(-width // 256) * 256
+    return [(first, min(first + width, H)) for first in range(0, H, width)]
+
+
+def _check_backward_memory(plan: DispatchPlan, routed_k: int, H: int, D: int, x: torch.Tensor) -> None:
+    """:func:`moeflux.memory.check_fits` for :meth:`ExpertsFunction.backward`."""
+    num_shared = plan.top_k - routed_k
+    num_routed = plan.num_experts - num_shared
+
+    def workspace(tokens):
+        return experts_backward_bytes(tokens, H, D, routed_k, num_routed, num_shared, x.dtype).peak
+
+    T = plan.num_tokens
+    check_fits(workspace(T), x.device, "the Triton experts backward", per_token=per_token_bytes(workspace, T))
 
 
 def experts_autograd(
@@ -262,7 +307,12 @@ def experts_autograd(
             inside CUDA graphs and for ids known good, such as the router's.
 
     Returns:
-        ``[T, H]`` in ``x.dtype``.
+        ``[T, H]`` in ``x.dtype``. ``T = 0`` gives an empty ``[0, H]`` (and zero weight gradients).
+
+    Raises:
+        torch.OutOfMemoryError: on CUDA, before any launch, when the forward (or later the
+            backward) needs more device memory than is free
+            (:func:`moeflux.memory.experts_forward_bytes`, :func:`~moeflux.memory.experts_backward_bytes`).
     """
     if x.dim() != 2 or gate_up.dim() != 3 or down.dim() != 3:
         raise ValueError(

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from moeflux.expert_tables import ExpertTables
+from moeflux.memory import check_fits, experts_forward_bytes, per_token_bytes
 from moeflux.ops.dispatch import build_dispatch_plan
 from moeflux.ops.experts import check_same_device
 from moeflux.ops.grouped_matmul import GroupedMatmulConfig, grouped_matmul, select_config
@@ -47,11 +48,13 @@ def _combine_kernel(
     tl.store(p_out, b_sum.to(out_ptr.dtype.element_ty), mask=m_th)
 
 
-def combine_pairs(pair_out: torch.Tensor) -> torch.Tensor:
+def combine_pairs(pair_out: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``out[t] = sum_j pair_out[t, j]`` over ``pair_out [T, k', H]`` (last dim contiguous),
-    summed in slot order in float32 and returned in ``pair_out``'s dtype."""
+    summed in slot order in float32 and returned in ``pair_out``'s dtype; written into ``out``
+    (``[T, H]``, last dim contiguous, e.g. a column slice of a wider tensor) when given."""
     T, top_k, H = pair_out.shape
-    out = torch.empty(T, H, device=pair_out.device, dtype=pair_out.dtype)
+    if out is None:
+        out = torch.empty(T, H, device=pair_out.device, dtype=pair_out.dtype)
     if T == 0 or H == 0:
         return out
     block_h = min(1024, triton.next_power_of_2(H))
@@ -114,7 +117,11 @@ def experts_triton_tables(
 
     Returns:
         ``[T, H]`` in ``x.dtype``. Each pair's down projection is rounded to ``x.dtype``
-        before the float32 sum, as in the torch path.
+        before the float32 sum, as in the torch path. ``T = 0`` gives an empty ``[0, H]``.
+
+    Raises:
+        torch.OutOfMemoryError: on CUDA, before any launch, when the call needs more device
+            memory than is free (:func:`moeflux.memory.experts_forward_bytes`).
     """
     if x.dim() != 2:
         raise ValueError(f"x must be [T, H], got shape {list(x.shape)}")
@@ -131,6 +138,7 @@ def experts_triton_tables(
     top_k = expert_ids.shape[1] + num_shared
     num_pairs = T * top_k
     num_experts = num_routed + num_shared
+    check_forward_memory(T, H, D, expert_ids.shape[1], num_routed, num_shared, x, training=False)
     if gate_up_config is None:
         gate_up_config = select_config(num_pairs, 2 * D, H, x.dtype, num_experts=num_experts, swiglu=True)
     if down_config is None:
@@ -150,3 +158,14 @@ def experts_triton_tables(
         hidden, experts.down, plan, row_scale=pair_weights.reshape(-1), scatter=True, config=down_config
     )
     return combine_pairs(pair_out.view(T, top_k, H))
+
+
+def check_forward_memory(T, H, D, routed_k, num_routed, num_shared, x, *, training: bool) -> None:
+    """:func:`moeflux.memory.check_fits` for the experts forward (``training``: with the
+    pre-activations it saves for the backward)."""
+    def workspace(tokens):
+        usage = experts_forward_bytes(tokens, H, D, routed_k, num_routed, num_shared, x.dtype, training=training)
+        return usage.peak
+
+    what = "the Triton experts forward" + (" (training)" if training else "")
+    check_fits(workspace(T), x.device, what, per_token=per_token_bytes(workspace, T))

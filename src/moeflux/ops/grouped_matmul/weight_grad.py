@@ -93,14 +93,17 @@ def select_weight_grad_config(
 
     * 16-bit dtypes with long row loops (``rows_per_expert >= WIDE_TILE_MIN_ROWS``, e.g. the
       competition's T=8192: 1241): ``128 x 256`` tiles, 8 warps (two warpgroups, 128 fp32
-      accumulators a thread), 64-row steps, 4 stages (192 KiB of shared memory: one program
+      accumulators a thread), 64-row steps, 3 stages (144 KiB of shared memory: one program
       an SM). A step reads 48 KiB of operands for 4.2 MFLOP where ``128 x 128`` reads 32 KiB
       for 2.1: a third less L2 traffic per FLOP.
     * short row loops (the model prefill shapes, 256-310 rows an expert: 4-5 steps a tile):
-      ``128 x 128`` tiles, 8 warps, 3 stages (96 KiB and at most 128 registers a thread: two
-      programs an SM, so one's pipeline fill and store overlap the other's steps).
+      ``128 x 128`` tiles, 4 warps, 3 stages (96 KiB: two programs an SM, so one's pipeline
+      fill and store overlap the other's steps).
+    * The stage and warp counts are the H100 sweep's picks (``benchmarks/moe_train_gpu.py
+      --sweep``, results in ``benchmarks/results/moe-train-h100-2026-11-25-1912553``): 3 stages
+      over 4 measured 1.04x on the long loops, 4 warps over 8 1.01-1.06x on the short ones.
     * float32 (twice the bytes a tile): ``128 x 128``, 32-row steps.
-    * narrow ``K`` / ``N`` shrink the tile; 8 warps from ``128 x 128`` accumulators, else 4.
+    * narrow ``K`` / ``N`` shrink the tile; 8 warps for wide (or float32) ``128 x 128``+ tiles, else 4.
     * ``prescale`` on: a separate pass scales the sorted operand (see :class:`WeightGradConfig`).
     """
     element_size = torch.empty((), dtype=dtype).element_size()
@@ -109,10 +112,10 @@ def select_weight_grad_config(
     block_k = min(128, _at_least_16(K))
     block_n = 256 if wide else min(128, _at_least_16(N))
     block_m = 32 if element_size >= 4 else 64
-    num_warps = 8 if block_k * block_n >= 128 * 128 else 4
+    num_warps = 8 if block_k * block_n >= 128 * 128 and (wide or element_size >= 4) else 4
     stage_bytes = (block_k + block_n) * block_m * element_size
     if wide:
-        num_stages = max(2, min(4, (200 * 1024) // stage_bytes))
+        num_stages = max(2, min(3, (200 * 1024) // stage_bytes))
     else:
         num_stages = max(2, min(3 if element_size <= 2 else 4, (160 * 1024) // stage_bytes))
     return WeightGradConfig(block_k, block_n, block_m, num_warps, num_stages)
