@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import moeflux
-from moeflux import cli, gpumode
+from moeflux import cli, gpumode, memory
 from moeflux.backends import resolve_backend
 from moeflux.expert_tables import ExpertTables
 from moeflux.ops import route, run_experts
@@ -36,6 +36,8 @@ from moeflux.ops.grouped_matmul import (
     moe_matmul_ogs,
     moe_matmul_ogs_top1,
 )
+from tests.distributed import error_cases as ep
+from tests.integrations import error_cases as hf
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 # The error cases use CPU tensors (their messages name the device); the behaviours that run
@@ -150,6 +152,64 @@ def triton_on_cpu(fn: Callable[[], object]) -> Callable[[], object]:
     return call
 
 
+def short_of_memory(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` with 100 bytes of free device memory and every request checked (the CUDA
+    free-memory query patched; no 64 MiB floor), under the interpreter on the CPU."""
+
+    def call():
+        with mock.patch.object(memory, "available_bytes", lambda device, at_least=0: 100), \
+                mock.patch.object(memory, "CHECK_MIN_BYTES", 0):  # fmt: skip
+            return interpreted(fn)()
+
+    return call
+
+
+def out_of_memory(what: str, required: int, per_token: int) -> str:
+    """The message of :func:`moeflux.memory.check_fits` with 100 bytes free on the CPU."""
+    return (
+        lit(f"{what} needs {required:,} bytes (") + r"[\d.]+" + lit(" GiB) of device memory for its workspace and "
+        "outputs, but cpu has 100 bytes (0.00 GiB) free, counting memory PyTorch's caching allocator holds "
+        f"unallocated; it takes about {per_token:,} bytes a token: split the batch into chunks that fit")
+    )  # fmt: skip
+
+
+def _experts_memory(training: bool) -> str:
+    def peak(tokens):
+        return memory.experts_forward_bytes(tokens, H, D, K, E, S, torch.float32, training=training).peak
+
+    what = "the Triton experts forward" + (" (training)" if training else "")
+    return out_of_memory(what, peak(T), memory.per_token_bytes(peak, T))
+
+
+def _experts_backward_out_of_memory() -> None:
+    w = weights()
+    out = interpreted(lambda: experts_autograd(x().requires_grad_(), ids(), routing_weights(), w.gate_up, w.down, E))()
+    short_of_memory(lambda: out.sum().backward())()
+
+
+def _experts_backward_memory() -> str:
+    def peak(tokens):
+        return memory.experts_backward_bytes(tokens, H, D, K, E, S, torch.float32).peak
+
+    return out_of_memory("the Triton experts backward", peak(T), memory.per_token_bytes(peak, T))
+
+
+def _flash_memory(backward: bool = False) -> str:
+    def peak(tokens):
+        if backward:
+            return memory.flash_expert_backward_bytes(tokens, H, 10, 2, torch.float32).peak
+        return memory.flash_expert_forward_bytes(tokens, H, 10, 2, torch.float32).peak
+
+    what = "the Triton flash_expert " + ("backward" if backward else "forward")
+    return out_of_memory(what, peak(T), memory.per_token_bytes(peak, T))
+
+
+def _flash_backward_out_of_memory() -> None:
+    leaf = torch.randn(T, H, requires_grad=True)
+    out = interpreted(lambda: flash(hidden_states=leaf, backend="triton"))()
+    short_of_memory(lambda: out.sum().backward())()
+
+
 @dataclass(frozen=True)
 class Case:
     id: str
@@ -258,6 +318,88 @@ ERRORS = [
          lit("unknown routing backend 'cuda'; expected 'torch' or 'triton'")),
     Case("route-triton-float64", lambda: route(torch.randn(T, E, dtype=torch.float64), 1, backend="triton"),
          TypeError, lit("the Triton routing kernel supports float32/float16/bfloat16 logits, not float64")),
+    # routing variants and load balancing: moeflux.RouterConfig, expert_bias, balance losses, moeflux.balancing
+    Case("router-scoring-unknown", lambda: moeflux.RouterConfig(scoring="tanh"), ValueError,
+         lit("RouterConfig.scoring must be 'softmax' or 'sigmoid', got 'tanh'")),
+    Case("router-flag-not-bool", lambda: moeflux.RouterConfig(normalize_topk=1), TypeError,
+         lit("RouterConfig.normalize_topk must be a bool, got 1")),
+    Case("router-groups-not-positive", lambda: moeflux.RouterConfig(num_groups=0), ValueError,
+         lit("RouterConfig.num_groups must be a positive int, got 0")),
+    Case("router-topk-groups-gt-groups", lambda: moeflux.RouterConfig(num_groups=2, topk_groups=3), ValueError,
+         lit("RouterConfig.topk_groups=3 exceeds num_groups=2")),
+    Case("router-softmax-after-topk-sigmoid",
+         lambda: moeflux.RouterConfig(scoring="sigmoid", softmax_after_topk=True), ValueError,
+         lit("RouterConfig.softmax_after_topk weights by a softmax over the chosen logits and needs "
+             "scoring='softmax', got scoring='sigmoid'")),
+    Case("router-softmax-after-topk-normalize",
+         lambda: moeflux.RouterConfig(softmax_after_topk=True, normalize_topk=True), ValueError,
+         lit("RouterConfig.softmax_after_topk already gives weights that sum to 1; leave normalize_topk off")),
+    Case("router-scaling-factor", lambda: moeflux.RouterConfig(scaling_factor=0.0), ValueError,
+         lit("RouterConfig.scaling_factor must be a finite number > 0, got 0.0")),
+    Case("router-jitter-range", lambda: moeflux.RouterConfig(jitter=1.0), ValueError,
+         lit("RouterConfig.jitter must be a number in [0, 1), got 1.0")),
+    Case("router-capacity-factor", lambda: moeflux.RouterConfig(capacity_factor=-1.0), ValueError,
+         lit("RouterConfig.capacity_factor must be None or a finite number > 0, got -1.0")),
+    Case("router-experts-not-divisible",
+         lambda: moeflux.MoEConfig(hidden_size=H, expert_size=D, num_experts=6, top_k=K,
+                                   router=moeflux.RouterConfig(num_groups=4)),
+         ValueError, lit("num_experts=6 is not divisible by RouterConfig.num_groups=4")),
+    Case("router-top-k-gt-kept",
+         lambda: moeflux.MoEConfig(hidden_size=H, expert_size=D, num_experts=8, top_k=3,
+                                   router=moeflux.RouterConfig(num_groups=4, topk_groups=1)),
+         ValueError, lit("top_k=3 exceeds the 2 experts of the topk_groups=1 groups kept per token "
+                         "(num_experts=8, num_groups=4)")),
+    Case("config-router-type",
+         lambda: moeflux.MoEConfig(hidden_size=H, expert_size=D, num_experts=E, top_k=K, router={}), TypeError,
+         lit("MoEConfig.router must be a RouterConfig, got dict")),
+    Case("moe-router-type", lambda: moeflux.moe(x(), weights(), K, router={"scoring": "sigmoid"}), TypeError,
+         lit("router must be a RouterConfig, got dict")),
+    Case("moe-expert-bias-missing",
+         lambda: moeflux.moe(x(), weights(), K, router=moeflux.RouterConfig(expert_bias=True)), ValueError,
+         lit("router.expert_bias is on but no expert_bias tensor was given")),
+    Case("moe-expert-bias-unexpected", lambda: moeflux.moe(x(), weights(expert_bias=torch.zeros(E)), K),
+         ValueError, lit("an expert_bias tensor was given but router.expert_bias is off; turn it on to use it")),
+    Case("module-expert-bias-unexpected", lambda: moeflux.MoE(CONFIG, weights(expert_bias=torch.zeros(E))),
+         ValueError, lit("the weights carry an expert_bias but config.router.expert_bias is off; turn it on to "
+                         "use it")),
+    Case("weights-expert-bias", lambda: weights(expert_bias=torch.zeros(E, dtype=torch.float16)).validate(),
+         ValueError, lit("MoEWeights.expert_bias must be None or float32 [E=4], got torch.float16 [4]")),
+    Case("weights-expert-bias-device", lambda: weights(expert_bias=torch.zeros(E, device="meta")).validate(),
+         ValueError, lit("MoEWeights.expert_bias is on meta but the weights are on cpu")),
+    Case("route-router-type", lambda: route(torch.randn(T, E), 1, router="sigmoid"), TypeError,
+         lit("router must be a RouterConfig, got str")),
+    Case("route-router-for-experts",
+         lambda: route(torch.randn(T, E), 1, router=moeflux.RouterConfig(num_groups=3)), ValueError,
+         lit("num_experts=4 is not divisible by RouterConfig.num_groups=3")),
+    Case("route-expert-bias-not-tensor",
+         lambda: route(torch.randn(T, E), 1, router=moeflux.RouterConfig(expert_bias=True), expert_bias=[0.0] * E),
+         TypeError, lit("expert_bias must be a torch.Tensor, got list")),
+    Case("route-expert-bias-shape",
+         lambda: route(torch.randn(T, E), 1, router=moeflux.RouterConfig(expert_bias=True),
+                       expert_bias=torch.zeros(E + 1)),
+         ValueError, lit("expert_bias must be float32 [4] (one per routed expert), got torch.float32 [5]")),
+    Case("route-expert-bias-device",
+         lambda: route(torch.randn(T, E), 1, router=moeflux.RouterConfig(expert_bias=True),
+                       expert_bias=torch.zeros(E, device="meta")),
+         ValueError, lit("expert_bias is on meta but the logits are on cpu")),
+    Case("loss-sequence-length",
+         lambda: moeflux.sequence_balance_loss(torch.rand(T, E), ids(), sequence_length=0), ValueError,
+         lit("sequence_length must be a positive int, got 0")),
+    Case("loss-sequence-partial",
+         lambda: moeflux.sequence_balance_loss(torch.rand(T, E), ids(), sequence_length=2), ValueError,
+         lit("3 tokens are not a whole number of sequences of length 2")),
+    Case("bias-updater-bias", lambda: moeflux.ExpertBiasUpdater(torch.zeros(E, dtype=torch.float16)), ValueError,
+         lit("ExpertBiasUpdater needs a float32 [E] expert_bias tensor, got torch.float16 [4]")),
+    Case("bias-updater-rate", lambda: moeflux.ExpertBiasUpdater(torch.zeros(E), rate=0), ValueError,
+         lit("ExpertBiasUpdater rate must be a finite number > 0, got 0")),
+    Case("bias-updater-counts", lambda: moeflux.ExpertBiasUpdater(torch.zeros(E)).accumulate(torch.ones(E + 1)),
+         ValueError, lit("tokens_per_expert must be a tensor [4] (one count per expert), got [5]")),
+    Case("monitor-not-positive", lambda: moeflux.ExpertUsageMonitor(0), ValueError,
+         lit("ExpertUsageMonitor num_experts must be a positive int, got 0")),
+    Case("monitor-momentum", lambda: moeflux.ExpertUsageMonitor(E, momentum=1.0), ValueError,
+         lit("ExpertUsageMonitor momentum must be a number in [0, 1), got 1.0")),
+    Case("monitor-counts", lambda: moeflux.ExpertUsageMonitor(E).update(torch.ones(E, 1)), ValueError,
+         lit("tokens_per_expert must be a tensor [4] (one count per expert), got [4, 1]")),
     # moeflux.ops.dispatch
     Case("plan-ids-rank", lambda: build_dispatch_plan(torch.zeros(4, dtype=torch.int64), E), ValueError,
          lit("expert_ids must be [T, k], got shape [4]")),
@@ -524,6 +666,20 @@ ERRORS = [
          lit("FlashExpert: query_dim must be an even int >= 2, got 7")),
     Case("flash-layer-input-shape", lambda: moeflux.FlashExpert(H, 16, 2)(x(T, H + 1)), ValueError,
          lit("FlashExpert expects [T, 16] or [B, S, 16], got [3, 17]")),
+    # moeflux.memory: the device-memory check before launching (free memory patched to 100 bytes)
+    Case("memory-experts-forward",
+         short_of_memory(lambda: experts_triton(x(), ids(), routing_weights(), weights().gate_up, weights().down, E)),
+         torch.OutOfMemoryError, _experts_memory(training=False)),
+    Case("memory-experts-training-forward",
+         short_of_memory(lambda: experts_autograd(x().requires_grad_(), ids(), routing_weights(), weights().gate_up,
+                                                  weights().down, E)),
+         torch.OutOfMemoryError, _experts_memory(training=True)),
+    Case("memory-experts-backward", _experts_backward_out_of_memory, torch.OutOfMemoryError,
+         _experts_backward_memory()),
+    Case("memory-flash-expert", short_of_memory(lambda: flash(backend="triton")), torch.OutOfMemoryError,
+         _flash_memory()),
+    Case("memory-flash-expert-backward", _flash_backward_out_of_memory, torch.OutOfMemoryError,
+         _flash_memory(backward=True)),
     # moeflux.gpumode.custom_kernel
     Case("gpumode-config-missing-key",
          lambda: gpumode.custom_kernel((x(1, T, H), seed(), {k: v for k, v in SEED_CONFIG.items()
@@ -548,6 +704,63 @@ ERRORS = [
          interpreted(lambda: gpumode.custom_kernel(
              (x(1, T, H), seed(router__weight=torch.randn(E, H, device="meta")), SEED_CONFIG), backend="triton")),
          ValueError, lit("seed weight 'router.weight' is on meta, expected cpu")),
+    # moeflux.distributed (expert parallelism; calls in tests/distributed/error_cases.py)
+    Case("ep-partition-not-positive", ep.partition_not_positive, ValueError,
+         lit("ExpertPartition.num_experts must be a positive int, got 0")),
+    Case("ep-partition-too-few-experts", ep.partition_too_few_experts, ValueError,
+         lit("expert parallelism over 4 ranks needs num_experts >= 4 (every rank owns at least one expert), "
+             "got num_experts=3")),
+    Case("ep-partition-rank", ep.partition_rank, ValueError, lit("rank=2 is not in 0..1")),
+    Case("ep-shard-partition-experts", ep.shard_partition_experts, ValueError,
+         lit("the weights hold 4 routed experts but the partition splits 6")),
+    Case("ep-shard-not-this-rank", ep.shard_not_this_rank, ValueError,
+         lit("rank 1 of 2 owns routed experts 2..3 of 4, but the shard holds 2 expert(s) from 0 with a router "
+             "of 4 rows")),
+    Case("ep-shard-shape", ep.shard_shape, ValueError,
+         lit("ExpertShard.shared_down has shape [1, 8, 17], expected [1, 8, 16] (router [4, 16], down [2, 8, 16])")),
+    Case("ep-shard-dtype-device", ep.shard_dtype_device, ValueError,
+         lit("ExpertShard tensors must share one dtype and device, got torch.float64 on cpu, torch.float32 on cpu")),
+    Case("ep-no-process-group", ep.no_process_group, RuntimeError,
+         lit("expert parallelism needs torch.distributed initialised (torch.distributed.init_process_group)")),
+    Case("ep-plan-world-size", ep.plan_world_size, ValueError,
+         lit("the partition is over 2 ranks but the group has 4")),
+    Case("ep-dispatch-shapes", ep.dispatch_shapes, ValueError,
+         lit("expected x [T=3, H] and expert_weights [T, k=2], got [3, 16] and [3, 3]")),
+    Case("ep-combine-shape", ep.combine_shape, ValueError, lit("expected expert_out [R=4, H], got [5, 16]")),
+    Case("ep-wait-twice", ep.wait_twice, RuntimeError, lit("this all-to-all was already waited for")),
+    Case("ep-x-not-tensor", ep.layer_x_not_tensor, TypeError, lit("x must be a torch.Tensor, got list")),
+    Case("ep-x-rank", ep.layer_x_rank, ValueError, lit("x must be [T, H] or [B, S, H], got shape [16]")),
+    Case("ep-x-hidden-size", ep.layer_x_hidden_size, ValueError,
+         lit("x has hidden size 15 but the weights expect 16")),
+    Case("ep-x-dtype-unsupported", ep.layer_x_dtype_unsupported, TypeError,
+         lit("x has dtype torch.int64; supported: float32, float16, bfloat16 (float64 on 'torch')")),
+    Case("ep-x-dtype-mismatch", ep.layer_x_dtype_mismatch, TypeError,
+         lit("x has dtype torch.float16 but the weights are torch.float32; cast one to match")),
+    Case("ep-x-device-mismatch", ep.layer_x_device_mismatch, ValueError,
+         lit("x is on meta but the weights are on cpu")),
+    Case("ep-top-k", ep.layer_top_k, ValueError, lit("top_k=5 must be an int in 1..4 (the number of routed experts)")),
+    Case("ep-module-weights-mismatch", ep.module_weights_mismatch, ValueError,
+         lit("weights of shapes torch.Size([7, 16, 16]) do not match MoEConfig(hidden_size=16")),
+    Case("ep-module-expert-bias-off", ep.module_expert_bias_off, ValueError,
+         lit("the weights carry an expert_bias but config.router.expert_bias is off; turn it on to use it")),
+    # moeflux.integrations.transformers (calls in tests/integrations/error_cases.py)
+    Case("hf-no-moe-block", hf.no_moe_block, ValueError,
+         lit("Sequential has no sparse-MoE block moeflux can run (looked for: deepseek_v3, mixtral, olmoe, "
+             "qwen2_moe, qwen3_moe)")),
+    Case("hf-model-not-module", hf.model_not_module, TypeError, lit("model must be a torch.nn.Module, got str")),
+    Case("hf-unknown-backend", hf.unknown_backend, ValueError,
+         lit("unknown backend 'cuda'; expected one of ('auto', 'torch', 'triton')")),
+    Case("hf-experts-layout", hf.experts_with_bias, ValueError,
+         lit("model.layers.0.mlp.experts (Qwen3MoeExperts) has has_bias=True; moeflux runs experts stored as "
+             "gate_up_proj [E, 2D, H] (gate rows, then up rows) and down_proj [E, H, D], without biases")),
+    Case("hf-experts-activation", hf.experts_not_silu, ValueError,
+         lit("model.layers.0.mlp.experts (Qwen3MoeExperts) uses the activation GELUActivation; moeflux runs "
+             "SwiGLU experts (hidden_act='silu')")),
+    Case("hf-router-rule", hf.groups_too_few_experts, ValueError,
+         lit("model.layers.0.mlp.gate (DeepseekV3TopkRouter): top_k=4 exceeds the 2 experts of the "
+             "topk_groups=1 groups kept per token (num_experts=8, num_groups=4)")),
+    Case("hf-transformers-missing", hf.transformers_missing, ImportError,
+         lit("moeflux's qwen3_moe patch needs transformers >= 5 (")),
     # moeflux.backends.resolve_backend
     Case("backend-unknown", lambda: resolve_backend("cuda", torch.device("cpu")), ValueError,
          lit("unknown backend 'cuda'; expected one of ('auto', 'torch', 'triton')")),
@@ -626,12 +839,57 @@ def _check_ids_off() -> None:
         run_experts(tokens, expert_ids, expert_weights, w, backend="triton")  # check_ids=False by default
 
 
+def _zero_tokens_in_every_primitive() -> None:
+    """``T = 0`` is supported everywhere (no launch does any work): empty outputs, and weight
+    gradients of exact zeros (the shared experts included)."""
+    from moeflux.ops.grouped_matmul.weight_grad import grouped_weight_grad
+
+    w = weights(DEVICE)
+    tokens, expert_ids, expert_weights = x(0, H, device=DEVICE), ids()[:0].to(DEVICE), routing_weights(0, K).to(DEVICE)
+    empty_plan = build_dispatch_plan(expert_ids, E, num_shared_experts=S)
+    assert empty_plan.num_pairs == 0 and int(empty_plan.num_tiles) == 0
+    assert grouped_matmul(tokens, w.gate_up, empty_plan, gather=True, swiglu=True).shape == (0, D)
+    assert torch.equal(grouped_weight_grad(tokens, tokens, empty_plan, a_rows="tokens", b_rows="tokens"),
+                       torch.zeros(E + S, H, H, device=DEVICE))  # fmt: skip
+    for backend in ("torch", "triton"):
+        assert route(torch.zeros(0, E, device=DEVICE), K, backend=backend).expert_ids.shape == (0, K)
+        assert run_experts(tokens, expert_ids, expert_weights, w, backend=backend).shape == (0, H)
+    assert experts_triton(tokens, expert_ids, expert_weights, w.gate_up, w.down, E).shape == (0, H)
+    leaves = [t.clone().requires_grad_() for t in (tokens, expert_weights, w.gate_up, w.down)]
+    experts_autograd(leaves[0], expert_ids, *leaves[1:], E).sum().backward()
+    assert leaves[0].grad.shape == (0, H) and all(bool((leaf.grad == 0).all()) for leaf in leaves[2:])
+    for backend in ("torch", "triton"):
+        leaves = [torch.randn(*shape, device=DEVICE).requires_grad_() for shape in ((0, H), (10, H), (10, H))]
+        out = moeflux.flash_expert(*leaves, torch.zeros(0, 2, dtype=torch.int64, device=DEVICE),
+                                   torch.zeros(0, 2, device=DEVICE), backend=backend)  # fmt: skip
+        out.sum().backward()
+        assert out.shape == (0, H) and all(bool((leaf.grad == 0).all()) for leaf in leaves[1:])
+
+
+def _flash_atomics_under_deterministic_algorithms() -> None:
+    """``deterministic=False`` (float32 atomics) gives way to the sorted reduction under
+    ``torch.use_deterministic_algorithms(True)``, with a warning (tests/test_determinism.py)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    leaf = torch.randn(T, H, device=DEVICE, requires_grad=True)
+    args = dict(down_weights=torch.randn(10, H, device=DEVICE, requires_grad=True),
+                up_weights=torch.randn(10, H, device=DEVICE), indices=torch.tensor([[0, 9], [3, 3], [5, 1]], device=DEVICE),
+                routing_weights=torch.rand(T, 2, device=DEVICE), backend="triton")  # fmt: skip
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.warns(UserWarning, match=lit("using the deterministic sorted reduction instead")):
+            moeflux.flash_expert(leaf, deterministic=False, **args).sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 BEHAVIOURS = {
     "moe-nonfinite-token": lambda: _nonfinite_tokens("torch"),
     "moe-nonfinite-token-triton": lambda: _nonfinite_tokens("triton"),
     "moe-zero-tokens": _zero_tokens,
     "moe-no-id-check": _layer_never_checks_ids,
     "check-ids-off": _check_ids_off,
+    "zero-tokens-primitives": _zero_tokens_in_every_primitive,
+    "flash-deterministic-algorithms": _flash_atomics_under_deterministic_algorithms,
 }
 
 

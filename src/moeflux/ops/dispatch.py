@@ -96,6 +96,29 @@ def max_tiles(num_pairs: int, num_experts: int, block_m: int) -> int:
     return num_pairs // block_m + min(num_experts, num_pairs)
 
 
+def _sort_blocks(num_pairs: int, total_experts: int) -> tuple[int, int, int]:
+    """``(EXPERTS_POW2, BLOCK_P, num_blocks)`` of the counting sort in :func:`build_dispatch_plan`."""
+    experts_pow2 = max(16, triton.next_power_of_2(total_experts))
+    block_p = max(16, min(256, 8192 // experts_pow2))
+    return experts_pow2, block_p, max(1, triton.cdiv(num_pairs, block_p))
+
+
+def plan_bytes(num_tokens: int, routed_k: int, num_experts: int, num_shared_experts: int = 0, *,
+               block_m: int = 16) -> tuple[int, int]:  # fmt: skip
+    """``(peak, kept)`` device bytes of :func:`build_dispatch_plan`: ``peak`` while it runs
+    (the counting sort's per-block tables included), ``kept`` by the plan it returns. With the
+    default ``block_m = 16`` (the smallest tile any config picks) both bound the plan of any
+    ``block_m``, and ``kept`` also bounds one re-tiled schedule (:meth:`DispatchPlan.with_block_m`)."""
+    top_k = routed_k + num_shared_experts
+    total_experts = num_experts + num_shared_experts
+    num_pairs = num_tokens * top_k
+    experts_pow2, _, num_blocks = _sort_blocks(num_pairs, total_experts)
+    sort_tables = 2 * num_blocks * experts_pow2 * 4  # block_counts, block_base
+    tile_schedule = 2 * max_tiles(num_pairs, total_experts, block_m) * 4 + 4
+    kept = (2 * total_experts + 1) * 4 + 2 * num_pairs * 4 + tile_schedule
+    return kept + sort_tables, kept
+
+
 def check_index_range(ids: torch.Tensor, upper: int, *, name: str, meaning: str) -> None:
     """Raise ``IndexError`` unless every element of ``ids`` lies in ``[0, upper)``.
 
@@ -161,9 +184,7 @@ def build_dispatch_plan(
 
     # A stable counting sort in three launches: per-block histograms, a scan of each
     # expert's column over the blocks, then every pair's rank inside its expert.
-    experts_pow2 = max(16, triton.next_power_of_2(total_experts))
-    block_p = max(16, min(256, 8192 // experts_pow2))
-    num_blocks = max(1, triton.cdiv(num_pairs, block_p))
+    experts_pow2, block_p, num_blocks = _sort_blocks(num_pairs, total_experts)
     block_counts = torch.empty(num_blocks, experts_pow2, device=device, dtype=torch.int32)
     block_base = torch.empty(num_blocks, experts_pow2, device=device, dtype=torch.int32)
     tokens_per_expert = torch.empty(total_experts, device=device, dtype=torch.int32)

@@ -69,14 +69,21 @@ def flash_expert(
             reproducible. ``False`` adds them with float32 atomics instead: no sort, but the
             summation order and hence the last bits change from run to run, and 16-bit
             pools need two float32 ``[E, H]`` buffers (zeroed, accumulated, converted:
-            slower than the sorted path at large E). (The torch backend's gradients go
-            through ``index_add``, which is atomic on CUDA.)
+            slower than the sorted path at large E). Under
+            ``torch.use_deterministic_algorithms(True)`` ``False`` is overridden: the sorted
+            reduction runs and a ``UserWarning`` says so. (The torch backend's gradients go
+            through ``index_add``, atomic on CUDA unless deterministic algorithms are on, when
+            PyTorch switches to its deterministic version.)
         config: Triton backend only: the kernels' tiles and whether the forward sorts the
             pairs by expert (:class:`moeflux.ops.flash_expert.triton.FlashExpertConfig`);
             ``None`` picks them from ``H``, ``K`` and the dtype.
 
     Returns:
         ``[T, H]`` in ``hidden_states``' dtype. ``T = 0`` gives an empty ``[0, H]`` tensor.
+
+    Raises:
+        torch.OutOfMemoryError: on CUDA, before any launch, when the forward (or later the
+            backward) needs more device memory than is free (see :mod:`moeflux.memory`).
 
     Example:
         >>> x, down, up = torch.randn(4, 16), torch.randn(100, 16), torch.randn(100, 16)

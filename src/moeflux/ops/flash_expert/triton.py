@@ -46,12 +46,21 @@ pools beyond 2**31 elements address correctly.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from moeflux.memory import (
+    check_fits,
+    flash_expert_backward_bytes,
+    flash_expert_forward_bytes,
+    input_copy_bytes,
+    per_token_bytes,
+)
 
 # Elements one program loads per step (all its gathered tiles together); bounds registers.
 # Tests lower it so that the kernels loop over several chunks of H at small shapes.
@@ -775,11 +784,20 @@ class FlashExpertFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, down, up, indices, routing_weights, deterministic, config):
+        T, H = hidden.shape
+        E, K = down.shape[0], indices.shape[1]
+        config = _config(config, H, K, hidden.dtype)
+
+        def workspace(tokens):
+            return flash_expert_forward_bytes(tokens, H, E, K, hidden.dtype, sorted_dots=config.sorted_dots).peak
+
+        copies = input_copy_bytes(hidden, down, up) + sum(
+            t.numel() * t.element_size() for t in (indices, routing_weights) if not t.is_contiguous()
+        )
+        check_fits(workspace(T) + copies, hidden.device, "the Triton flash_expert forward",
+                   per_token=per_token_bytes(workspace, T))  # fmt: skip
         hidden, down, up = _unit_stride_rows(hidden), _unit_stride_rows(down), _unit_stride_rows(up)
         indices, routing_weights = indices.contiguous(), routing_weights.contiguous()
-        T, H = hidden.shape
-        K = indices.shape[1]
-        config = _config(config, H, K, hidden.dtype)
         device = hidden.device
         pairs = sort_pairs(indices) if config.sorted_dots and T * K > 0 else None
         out = torch.empty(T, H, device=device, dtype=hidden.dtype)
@@ -797,11 +815,20 @@ class FlashExpertFunction(torch.autograd.Function):
         hidden, down, up, indices, routing_weights, scores, order, sorted_experts = ctx.saved_tensors
         need_hidden, need_down, need_up, _, need_routing, *_ = ctx.needs_input_grad
         config = ctx.config
-        grad_out = _unit_stride_rows(grad_out)
         T, H = hidden.shape
         E, K = down.shape[0], indices.shape[1]
         device = hidden.device
-        deterministic = ctx.deterministic and (need_down or need_up)
+        need_pools = need_down or need_up
+        # Atomics only when asked for and not ruled out by torch.use_deterministic_algorithms.
+        atomic = need_pools and not ctx.deterministic and not _deterministic_algorithms_requested()
+        deterministic = need_pools and not atomic
+
+        def workspace(tokens):
+            return flash_expert_backward_bytes(tokens, H, E, K, hidden.dtype, deterministic=not atomic,
+                                               routing_weights_dtype=routing_weights.dtype).peak  # fmt: skip
+
+        check_fits(workspace(T), device, "the Triton flash_expert backward", per_token=per_token_bytes(workspace, T))
+        grad_out = _unit_stride_rows(grad_out)
         # Saved only with config.sorted_dots: the dots then run in expert order as forward.
         pairs = SortedPairs(order, sorted_experts) if order is not None else None
         grad_pairs, starts, join = pairs, None, lambda: None
@@ -823,7 +850,7 @@ class FlashExpertFunction(torch.autograd.Function):
             join()
             launch_expert_grads(hidden, grad_out, grad_pairs, grad_score, coef, grad_down, grad_up,
                                 starts=starts, config=config)  # fmt: skip
-        elif need_down or need_up:
+        elif atomic:
             grad_down_acc = torch.zeros(E, H, device=device, dtype=torch.float32) if need_down else None
             grad_up_acc = torch.zeros(E, H, device=device, dtype=torch.float32) if need_up else None
             launch_atomic_expert_grads(hidden, grad_out, indices, grad_score, coef, grad_down_acc, grad_up_acc,
@@ -831,6 +858,21 @@ class FlashExpertFunction(torch.autograd.Function):
             grad_down = grad_down_acc.to(down.dtype) if need_down else None
             grad_up = grad_up_acc.to(up.dtype) if need_up else None
         return grad_hidden, grad_down, grad_up, None, grad_routing if need_routing else None, None, None
+
+
+def _deterministic_algorithms_requested() -> bool:
+    """True under ``torch.use_deterministic_algorithms(True)``: the float32-atomic weight
+    gradients (``deterministic=False``) then give way to the sorted reduction, with a warning
+    (the two compute the same gradients; only the summation order, and so the last bits, differ)."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return False
+    warnings.warn(
+        "flash_expert: deterministic=False asks for float32 atomic weight gradients, but "
+        "torch.use_deterministic_algorithms(True) is set; using the deterministic sorted reduction instead",
+        UserWarning,
+        stacklevel=3,
+    )
+    return True
 
 
 def flash_expert_triton(
