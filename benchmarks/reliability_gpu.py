@@ -32,7 +32,8 @@ Markdown table under ``--out`` and exits 1 if any check fails. On an H100 it tak
    estimate of ``moeflux.memory`` bounds ``torch.cuda.max_memory_allocated`` of its call (the
    shapes of 4.); the free-memory query's cost.
 8. ``deterministic-algorithms``: under ``torch.use_deterministic_algorithms(True)`` (which
-   also fills ``torch.empty`` with NaN: unwritten memory shows) the layer runs forward and
+   also fills ``torch.empty`` with NaN: unwritten memory shows; ``CUBLAS_WORKSPACE_CONFIG`` is
+   set for the router's cuBLAS matmul, as PyTorch requires) the layer runs forward and
    backward on both backends (the Triton one bitwise as without the setting), and
    ``flash_expert(deterministic=False)`` warns and falls back to the sorted reduction.
 9. ``odd-shapes``: odd H = 1023, D = 257 and an input 2 bytes off alignment: output and
@@ -45,12 +46,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
+import os
 import sys
 import time
 import traceback
 import warnings
 from unittest import mock
+
+# torch.use_deterministic_algorithms(True) refuses cuBLAS matmuls (the router's) without a fixed
+# cuBLAS workspace; it must be set before the first cuBLAS call.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 from _common import git_commit, pick_device, rel_l2, report_path, write_report
 import torch
@@ -176,7 +181,7 @@ def check_large_index_layer(ctx: Context, dtype: torch.dtype, backward: bool) ->
             result[key] < bound for key in ("rel_l2_dx_vs_fp32", "rel_l2_d_expert_weights_vs_fp32",
                                             "rel_l2_d_gate_up_vs_chunked", "rel_l2_d_down_vs_chunked")
         )  # fmt: skip
-    result["ok"] = bool(ok)
+    result["ok"] = bool(ok and (result["exceeds_2_31"] or ctx.smoke))
     return result
 
 
@@ -209,7 +214,7 @@ def check_large_index_weights(ctx: Context) -> dict:
         result[f"rel_l2_d_gate_up[{e}]"] = rel_l2(gate_up.grad[e], g.grad)
         result[f"rel_l2_d_down[{e}]"] = rel_l2(down.grad[e], d.grad)
         ok = ok and result[f"rel_l2_d_gate_up[{e}]"] < TOLERANCE[dtype] and result[f"rel_l2_d_down[{e}]"] < TOLERANCE[dtype]
-    result["ok"] = bool(ok)
+    result["ok"] = bool(ok and (result["exceeds_2_31"] or ctx.smoke))
     return result
 
 
@@ -250,7 +255,8 @@ def check_large_index_flash(ctx: Context) -> dict:
     unpicked[picked] = False
     nonzero_rows = [torch.count_nonzero(grad, dim=1) > 0 for grad in (down.grad, up.grad)]
     result["unpicked_grads_zero"] = not any(bool((rows & unpicked).any()) for rows in nonzero_rows)
-    result["ok"] = bool(ok and result["unpicked_grads_zero"])
+    past = result["exceeds_2_31"] and result["picked_rows_past_2_31"] > 0
+    result["ok"] = bool(ok and result["unpicked_grads_zero"] and (past or ctx.smoke))
     return result
 
 

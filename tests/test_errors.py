@@ -882,6 +882,22 @@ def _flash_atomics_under_deterministic_algorithms() -> None:
         torch.use_deterministic_algorithms(before)
 
 
+def _layer_under_deterministic_algorithms() -> None:
+    """Both backends run forward and backward under ``torch.use_deterministic_algorithms(True)``
+    (no op raises, no warning from moeflux), with the same results (tests/test_determinism.py
+    checks the bits)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        for backend in ("torch", "triton"):
+            layer = moeflux.MoE(CONFIG, backend=backend, device=DEVICE)
+            out, aux = layer(x(device=DEVICE))
+            (out.sum() + aux.load_balancing_loss).backward()
+            assert torch.isfinite(out).all() and torch.isfinite(layer.gate_up.grad).all()
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 BEHAVIOURS = {
     "moe-nonfinite-token": lambda: _nonfinite_tokens("torch"),
     "moe-nonfinite-token-triton": lambda: _nonfinite_tokens("triton"),
@@ -890,6 +906,7 @@ BEHAVIOURS = {
     "check-ids-off": _check_ids_off,
     "zero-tokens-primitives": _zero_tokens_in_every_primitive,
     "flash-deterministic-algorithms": _flash_atomics_under_deterministic_algorithms,
+    "layer-deterministic-algorithms": _layer_under_deterministic_algorithms,
 }
 
 

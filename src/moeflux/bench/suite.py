@@ -68,7 +68,7 @@ def run_bench(
     preset: str = "custom",
 ) -> BenchResults:
     """Time every system on every shape; see :mod:`moeflux.bench.metrics` for each column."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     peaks = measure_peaks(device, dtype)
     workload = shapes[0].workload
     systems = [make_system(name) for name in system_names]

@@ -42,7 +42,7 @@ def _swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch
 def _swiglu_grouped(
     sorted_x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, tokens_per_expert: torch.Tensor
 ) -> torch.Tensor:
-    if _grouped_mm_supported(sorted_x):
+    if _grouped_mm_supported(sorted_x, gate_up, down):
         offsets = torch.cumsum(tokens_per_expert, dim=0, dtype=torch.int32)
         gate, up = torch._grouped_mm(sorted_x, gate_up, offs=offsets).chunk(2, dim=-1)
         return torch._grouped_mm(F.silu(gate) * up, down, offs=offsets)
@@ -51,11 +51,22 @@ def _swiglu_grouped(
     return torch.cat([_swiglu(chunk, gate_up[e], down[e]) for e, chunk in enumerate(chunks)])
 
 
-def _grouped_mm_supported(x: torch.Tensor) -> bool:
-    """``torch._grouped_mm`` runs on Hopper-or-newer CUDA GPUs in 16-bit floats."""
-    return (
+def _grouped_mm_supported(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+    """``torch._grouped_mm`` runs on Hopper-or-newer CUDA GPUs in 16-bit floats, on operands
+    whose base addresses and strides (but the unit one) are multiples of 16 bytes. Its inputs
+    here: ``x [P, H]`` (contiguous), the weights as given, ``[P, 2D]`` gate|up halves (the up
+    half starts ``D`` elements in) and ``[P, D]``; an odd ``H`` or ``D`` takes the loop."""
+    if not (
         hasattr(torch, "_grouped_mm")
         and x.is_cuda
         and x.dtype in (torch.bfloat16, torch.float16)
         and torch.cuda.get_device_capability(x.device) >= (9, 0)
+    ):
+        return False
+    itemsize = x.element_size()
+    widths = (x.shape[1], down.shape[1])  # H, D: the row strides of the fresh [P, .] operands
+    weights_aligned = all(
+        w.stride(-1) == 1 and w.data_ptr() % 16 == 0 and all(s * itemsize % 16 == 0 for s in w.stride()[:-1])
+        for w in (gate_up, down)
     )
+    return weights_aligned and all(width * itemsize % 16 == 0 for width in widths)

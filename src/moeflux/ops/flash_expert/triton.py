@@ -526,9 +526,12 @@ def _warps(elements: int) -> int:
     return 8 if elements >= 8192 else 4
 
 
-def default_config(H: int, K: int, dtype: torch.dtype = torch.bfloat16) -> FlashExpertConfig:
+def default_config(
+    H: int, K: int, dtype: torch.dtype = torch.bfloat16, *, pairs_per_expert: float | None = None
+) -> FlashExpertConfig:
     """Tiles from ``(H, K, dtype)``: chunks of H of 256 16-bit (128 32-bit) elements, 512
-    contiguous bytes per gathered row, and about ``MAX_TILE_ELEMENTS`` gathered per step."""
+    contiguous bytes per gathered row, and about ``MAX_TILE_ELEMENTS`` gathered per step.
+    ``pairs_per_expert`` (``T K / E``, when known) picks the weight-gradient kernel."""
     budget = MAX_TILE_ELEMENTS
     h = max(16, triton.next_power_of_2(max(H, 1)))
     chunk = 256 if dtype.itemsize <= 2 else 128
@@ -550,12 +553,17 @@ def default_config(H: int, K: int, dtype: torch.dtype = torch.bfloat16) -> Flash
     if dtype == torch.bfloat16:
         # Tensor-core kernel: 32 experts x 64 of H, 16 pairs per step, 2 stages. In the H100
         # sweep (benchmarks/results/flash-expert-h100-2026-11-25-b9ceb5d) it was the best
-        # tile at four of the eight benchmark shapes and within 7% at two; at K = 64,
-        # E = 65536 (8 pairs per expert) the per-pair kernel (16, 128, block_p 0) won by 18%+,
-        # a choice this function cannot make without T and E. The dot needs dims >= 16.
+        # tile at four of the eight benchmark shapes and within 7% at two. Where experts get
+        # many pairs (K = 64, E = 65536: 8 each) the per-pair kernel (16 x 128, block_p 0)
+        # won by 18-26%; where most experts get none (K = 16, E = 2^20: 0.125 each), so
+        # programs mostly write zero rows, 64 experts a program did. The dot needs dims >= 16.
         grad_h = block_h(min(64, budget // 128))
         grad_rows = max(16, min(32, budget // 256))
         expert_grads = Tiles(grad_rows, grad_h, 4, 2, None, 16)
+        if pairs_per_expert is not None and pairs_per_expert >= 4:
+            expert_grads = Tiles(16, block_h(128), 4, 2, False, 0)
+        elif pairs_per_expert is not None and pairs_per_expert <= 0.25:
+            expert_grads = Tiles(max(16, min(64, budget // 128)), grad_h, 4, 2, None, 16)
     else:
         grad_h = block_h(min(128, budget // 64))
         expert_grads = Tiles(max(2, budget // 4 // grad_h), grad_h, 4, 2, None, 0)
@@ -616,8 +624,10 @@ def _sort_beside(indices: torch.Tensor, num_experts: int) -> tuple[SortedPairs, 
     return pairs, starts, join
 
 
-def _config(config: FlashExpertConfig | None, H: int, K: int, dtype: torch.dtype) -> FlashExpertConfig:
-    return default_config(H, K, dtype) if config is None else config
+def _config(
+    config: FlashExpertConfig | None, H: int, K: int, dtype: torch.dtype, pairs_per_expert: float | None = None
+) -> FlashExpertConfig:
+    return default_config(H, K, dtype, pairs_per_expert=pairs_per_expert) if config is None else config
 
 
 def launch_dots(
@@ -786,7 +796,7 @@ class FlashExpertFunction(torch.autograd.Function):
     def forward(ctx, hidden, down, up, indices, routing_weights, deterministic, config):
         T, H = hidden.shape
         E, K = down.shape[0], indices.shape[1]
-        config = _config(config, H, K, hidden.dtype)
+        config = _config(config, H, K, hidden.dtype, pairs_per_expert=T * K / max(E, 1))
 
         def workspace(tokens):
             return flash_expert_forward_bytes(tokens, H, E, K, hidden.dtype, sorted_dots=config.sorted_dots).peak

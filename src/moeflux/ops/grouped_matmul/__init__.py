@@ -246,7 +246,7 @@ def select_config(
     # Narrow weights (tests, tiny experts) shrink the tile instead of masking most of it.
     widest_n = 256 if block_m == 128 and not swiglu and K >= 512 else 128
     block_n = min(widest_n, _at_least_16(N // 2 if swiglu else N))
-    element_size = torch.empty((), dtype=dtype).element_size()
+    element_size = dtype.itemsize
     block_k = min(32 if element_size >= 4 else 64, _at_least_16(K))
     weight_blocks = 2 if swiglu else 1
     accumulator_elements = block_m * block_n * weight_blocks

@@ -106,7 +106,7 @@ def select_weight_grad_config(
     * narrow ``K`` / ``N`` shrink the tile; 8 warps for wide (or float32) ``128 x 128``+ tiles, else 4.
     * ``prescale`` on: a separate pass scales the sorted operand (see :class:`WeightGradConfig`).
     """
-    element_size = torch.empty((), dtype=dtype).element_size()
+    element_size = dtype.itemsize
     long_rows = rows_per_expert is None or rows_per_expert >= WIDE_TILE_MIN_ROWS
     wide = element_size <= 2 and long_rows and K >= 128 and N >= 256
     block_k = min(128, _at_least_16(K))
