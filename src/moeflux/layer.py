@@ -128,15 +128,20 @@ def moe(
     _check_inputs(x, weights, top_k, router)
     backend = resolve_backend(backend, x.device)
     x_tokens = x.reshape(-1, x.shape[-1])
-    router_input = x_tokens
-    if training and router.jitter > 0:
-        noise = torch.empty_like(x_tokens).uniform_(1.0 - router.jitter, 1.0 + router.jitter)
-        router_input = x_tokens * noise
-    logits = F.linear(router_input, weights.router)
+    logits = router_logits(x_tokens, weights.router, router, training=training)
     routing = route(logits, top_k, router=router, expert_bias=weights.expert_bias, backend=backend)
     out = run_experts(x_tokens, routing.expert_ids, routing.expert_weights, weights, backend=backend)
     sequence_length = x.shape[1] if x.dim() == 3 else None
     return out.view(x.shape), MoEAux.from_routing(routing, top_k, router=router, sequence_length=sequence_length)
+
+
+def router_logits(tokens: torch.Tensor, router_weight: torch.Tensor, router: RouterConfig, *, training: bool) -> torch.Tensor:
+    """``tokens @ router_weight.T``; in training with ``router.jitter > 0`` the router (only)
+    sees the tokens scaled elementwise by ``U(1 - jitter, 1 + jitter)`` noise."""
+    if training and router.jitter > 0:
+        noise = torch.empty_like(tokens).uniform_(1.0 - router.jitter, 1.0 + router.jitter)
+        tokens = tokens * noise
+    return F.linear(tokens, router_weight)
 
 
 def _check_inputs(x: torch.Tensor, weights: MoEWeights, top_k: int, router: RouterConfig) -> None:

@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks._smoke import run_smoke
 
 
 def test_smoke_run_writes_curves(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT / "src")}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "train_curve_gpu.py"), "--smoke", "--out", str(tmp_path)],
-        cwd=ROOT / "benchmarks", env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    report = json.loads((tmp_path / "train_curve_gpu.json").read_text())
+    _, report = run_smoke("train_curve_gpu.py", tmp_path, "train_curve_gpu.json")
     triton, torch_run = report["losses"]["triton"], report["losses"]["torch"]
     assert len(triton) == len(torch_run) == report["steps"]
     # float32 on the CPU: the two backends take the same steps to rounding.

@@ -6,14 +6,13 @@ from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from moeflux.backends import resolve_backend
 from moeflux.config import MoEConfig, RouterConfig
 from moeflux.distributed.exchange import combine, dispatch_start, group_rank_and_size, plan_exchange
 from moeflux.distributed.partition import ExpertPartition, ExpertShard
-from moeflux.layer import MoEAux
+from moeflux.layer import MoEAux, router_logits
 from moeflux.ops.experts import run_experts
 from moeflux.ops.routing import route
 from moeflux.weights import MoEWeights
@@ -75,11 +74,7 @@ def expert_parallel_moe(
     backend = resolve_backend(backend, x.device)
 
     tokens = x.reshape(-1, x.shape[-1])
-    router_input = tokens
-    if training and router.jitter > 0:
-        noise = torch.empty_like(tokens).uniform_(1.0 - router.jitter, 1.0 + router.jitter)
-        router_input = tokens * noise
-    logits = F.linear(router_input, shard.router)
+    logits = router_logits(tokens, shard.router, router, training=training)
     routing = route(logits, top_k, router=router, expert_bias=shard.expert_bias, backend=backend)
     plan = plan_exchange(routing.expert_ids, partition, tokens_per_expert=routing.tokens_per_expert, group=group)
 
