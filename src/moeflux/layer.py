@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +18,13 @@ from moeflux.weights import MoEWeights
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
-@dataclass
 class MoEAux:
     """What a trainer needs beside the layer's output (``T`` tokens, ``E`` routed experts).
+
+    The router's decisions are tensors the forward made anyway; the three losses are computed
+    on first access (a few small launches each), so a forward whose caller never reads them,
+    as in serving, does not pay for them. Each is differentiable in the router weight (read it
+    with autograd on, as right after a training forward).
 
     Attributes:
         router_probs: ``[T, E]`` float32 router scores: the softmax of the router logits, or
@@ -40,14 +44,24 @@ class MoEAux:
             (zeros without it).
     """
 
-    router_probs: torch.Tensor
-    expert_ids: torch.Tensor
-    expert_weights: torch.Tensor
-    tokens_per_expert: torch.Tensor
-    load_balancing_loss: torch.Tensor
-    router_z_loss: torch.Tensor
-    sequence_balance_loss: torch.Tensor
-    dropped_per_expert: torch.Tensor
+    FIELDS = (
+        "router_probs", "expert_ids", "expert_weights", "tokens_per_expert", "load_balancing_loss",
+        "router_z_loss", "sequence_balance_loss", "dropped_per_expert",
+    )  # fmt: skip
+
+    def __init__(
+        self, routing: Routing, top_k: int, router: RouterConfig = RouterConfig(), sequence_length: int | None = None
+    ) -> None:
+        num_tokens = routing.router_probs.shape[0]
+        sequence_length = sequence_length or max(num_tokens, 1)
+        if num_tokens % sequence_length:  # checked now: a lazy loss must not fail later
+            raise ValueError(f"{num_tokens} tokens are not a whole number of sequences of length {sequence_length}")
+        self._routing, self._top_k, self._router, self._sequence_length = routing, top_k, router, sequence_length
+        self.router_probs = routing.router_probs
+        self.expert_ids = routing.expert_ids
+        self.expert_weights = routing.expert_weights
+        self.tokens_per_expert = routing.tokens_per_expert
+        self.dropped_per_expert = routing.dropped_per_expert
 
     @classmethod
     def from_routing(
@@ -58,32 +72,34 @@ class MoEAux:
         router: RouterConfig = RouterConfig(),
         sequence_length: int | None = None,
     ) -> "MoEAux":
-        """The router's decisions plus the auxiliary losses computed from them.
+        """The router's decisions and, on access, the auxiliary losses computed from them.
 
         ``sequence_length``: tokens per sequence for :attr:`sequence_balance_loss` (``None``:
         all tokens are one sequence).
         """
-        probs, counts = routing.router_probs, routing.tokens_per_expert
-        if router.scoring == "sigmoid":
-            balance = batch_balance_loss(probs, counts, top_k)
-        else:
-            balance = load_balancing_loss(probs, counts, top_k)
-        num_tokens = probs.shape[0]
-        return cls(
-            router_probs=probs,
-            expert_ids=routing.expert_ids,
-            expert_weights=routing.expert_weights,
-            tokens_per_expert=counts,
-            load_balancing_loss=balance,
-            router_z_loss=router_z_loss(routing.logsumexp),
-            sequence_balance_loss=sequence_balance_loss(
-                probs, routing.expert_ids, sequence_length or max(num_tokens, 1)
-            ),
-            dropped_per_expert=routing.dropped_per_expert,
-        )
+        return cls(routing, top_k, router, sequence_length)
+
+    @functools.cached_property
+    def load_balancing_loss(self) -> torch.Tensor:
+        probs, counts = self.router_probs, self.tokens_per_expert
+        if self._router.scoring == "sigmoid":
+            return batch_balance_loss(probs, counts, self._top_k)
+        return load_balancing_loss(probs, counts, self._top_k)
+
+    @functools.cached_property
+    def router_z_loss(self) -> torch.Tensor:
+        return router_z_loss(self._routing.logsumexp)
+
+    @functools.cached_property
+    def sequence_balance_loss(self) -> torch.Tensor:
+        return sequence_balance_loss(self.router_probs, self.expert_ids, self._sequence_length)
 
     def as_dict(self) -> dict[str, torch.Tensor]:
-        return {field.name: getattr(self, field.name) for field in fields(self)}
+        """Every attribute by name (the losses computed now if not yet)."""
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+    def __repr__(self) -> str:
+        return f"MoEAux(T={self.router_probs.shape[0]}, E={self.router_probs.shape[1]}, k={self.expert_ids.shape[1]})"
 
 
 def moe(
