@@ -159,7 +159,7 @@ def _moe_in_place(
     )
     if cuda_graph and x.is_cuda and not torch.cuda.is_current_stream_capturing():
         experts = ExpertTables.from_seed_weights(weights, config, dtype=x.dtype, device=x.device)
-        out, routing = _graph_for(tokens, router, experts, config)(tokens, router, experts)
+        out, routing = _graph_for(tokens, router, experts, config)(tokens, router, experts, with_routing=with_aux)
     else:
         routing = route(F.linear(tokens, router), config.top_k, backend="triton")
         # Checking the experts' weights and gathering their addresses is host work: done here,
@@ -181,7 +181,8 @@ def _experts(tokens: torch.Tensor, routing: Routing, experts) -> torch.Tensor:
 class _GraphedForward:
     """Routing and experts of :func:`_moe_in_place` for one input signature, captured in a
     CUDA graph: ``__call__`` copies the tokens, the router weight and the experts' address
-    tables into the graph's own buffers, replays it and returns copies of its outputs."""
+    tables into the graph's own buffers, replays it and returns copies of its outputs (of the
+    routing only when the caller builds an aux from it)."""
 
     def __init__(self, tokens: torch.Tensor, router: torch.Tensor, experts, config: MoEConfig) -> None:
         self.config = config
@@ -208,13 +209,17 @@ class _GraphedForward:
         routing = route(F.linear(self.tokens, self.router), self.config.top_k, backend="triton")
         return _experts(self.tokens, routing, self.experts), routing
 
-    def __call__(self, tokens: torch.Tensor, router: torch.Tensor, experts) -> tuple[torch.Tensor, Routing]:
+    def __call__(
+        self, tokens: torch.Tensor, router: torch.Tensor, experts, *, with_routing: bool
+    ) -> tuple[torch.Tensor, Routing | None]:
         self.tokens.copy_(tokens)
         self.router.copy_(router)
         for mine, theirs in ((self.experts.gate_up, experts.gate_up), (self.experts.down, experts.down)):
             mine.addresses.copy_(theirs.addresses)
             mine.leading_strides.copy_(theirs.leading_strides)
         self.graph.replay()
+        if not with_routing:  # the aux is built from it: copied only when asked for
+            return self.out.clone(), None
         fields = {f.name: getattr(self.routing, f.name) for f in dataclasses.fields(self.routing)}
         routing = type(self.routing)(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in fields.items()})
         return self.out.clone(), routing

@@ -16,6 +16,7 @@ bytes required and available, instead of failing half-way through the kernels. R
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -75,7 +76,7 @@ def experts_forward_bytes(
     P = T * (top_k + num_shared_experts)
     plan_peak, plan_kept = plan_bytes(T, top_k, num_experts, num_shared_experts)
     retiled = plan_kept  # a second tile schedule while a GEMM of another block_m runs (bound)
-    pair_weights = 4 * T * top_k + 4 * T * num_shared_experts + 4 * P  # cast, ones, cat
+    pair_weights = 4 * T * top_k + 4 * P  # the float32 cast, padded with the shared slots
     tables = 5 * 8 * (num_experts + num_shared_experts)  # the weights' address tables (int64)
     out = T * H * b
     if not training:
@@ -188,12 +189,15 @@ def available_bytes(device: torch.device, at_least: int = 0) -> int | None:
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
-def check_fits(required: int, device: torch.device, what: str, *, per_token: int | None = None) -> None:
+def check_fits(
+    required: int, device: torch.device, what: str, *, per_token: Callable[[], int] | None = None
+) -> None:
     """Raise :class:`torch.OutOfMemoryError` if ``required`` bytes cannot be allocated on
     ``device``, before anything launches. No query below :data:`CHECK_MIN_BYTES`, off CUDA
     (unless a test patches :func:`available_bytes`), or during a CUDA graph capture.
 
-    ``per_token``: the bytes one more token adds, named in the message to suggest a batch size.
+    ``per_token``: returns the bytes one more token adds, named in the message to suggest a
+    batch size; called only when raising, so the hot path does not pay for it.
     """
     if required < CHECK_MIN_BYTES:
         return
@@ -203,8 +207,8 @@ def check_fits(required: int, device: torch.device, what: str, *, per_token: int
     if available is None or required <= available:
         return
     hint = ""
-    if per_token:
-        hint = f"; it takes about {per_token:,} bytes a token: split the batch into chunks that fit"
+    if per_token is not None and (bytes_a_token := per_token()):
+        hint = f"; it takes about {bytes_a_token:,} bytes a token: split the batch into chunks that fit"
     raise torch.OutOfMemoryError(
         f"{what} needs {required:,} bytes ({required / 2**30:.2f} GiB) of device memory for its workspace and "
         f"outputs, but {device} has {available:,} bytes ({available / 2**30:.2f} GiB) free, counting memory "

@@ -50,7 +50,7 @@ from torch.autograd.function import once_differentiable
 from moeflux.memory import check_fits, experts_backward_bytes, per_token_bytes
 from moeflux.ops.dispatch import DispatchPlan, build_dispatch_plan
 from moeflux.ops.experts import check_same_device
-from moeflux.ops.experts.triton import check_forward_memory, combine_pairs
+from moeflux.ops.experts.triton import check_forward_memory, combine_pairs, pair_weights
 from moeflux.ops.grouped_matmul import GroupedMatmulConfig, grouped_matmul, select_config
 from moeflux.ops.grouped_matmul.weight_grad import WeightGradConfig, grouped_weight_grad
 
@@ -189,18 +189,14 @@ class ExpertsFunction(torch.autograd.Function):
         plan = build_dispatch_plan(
             expert_ids, num_routed, num_shared_experts=num_shared, block_m=first.block_m, check_ids=check_ids
         )
-        pair_weights = expert_weights.to(torch.float32)
-        if num_shared > 0:
-            shared_weights = torch.ones(T, num_shared, device=x.device, dtype=torch.float32)
-            pair_weights = torch.cat([pair_weights, shared_weights], dim=1)
-        pair_weights = pair_weights.reshape(-1).contiguous()  # [P]
+        weights = pair_weights(expert_weights, num_shared).view(-1)  # [P] float32, pair order
         pre = _gemm(x, gate_up, plan, gemm_config, gather=True)  # [P, 2D] sorted
         hidden = _swiglu(pre)  # [P, D] sorted
-        pair_out = _gemm(hidden, down, plan, gemm_config, row_scale=pair_weights, scatter=True)  # [P, H] pair order
+        pair_out = _gemm(hidden, down, plan, gemm_config, row_scale=weights, scatter=True)  # [P, H] pair order
         del hidden
         out = combine_pairs(pair_out.view(T, top_k, H))
 
-        ctx.save_for_backward(x, gate_up, down, pair_weights)
+        ctx.save_for_backward(x, gate_up, down, weights)
         ctx.pre = pre  # overwritten by its gradient in the backward (see the module docstring)
         ctx.plan = plan
         ctx.routed_k = expert_ids.shape[1]
@@ -211,7 +207,7 @@ class ExpertsFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out):
-        x, gate_up, down, pair_weights = ctx.saved_tensors
+        x, gate_up, down, weights = ctx.saved_tensors
         pre, ctx.pre = ctx.pre, None
         if pre is None:
             raise RuntimeError(
@@ -228,11 +224,11 @@ class ExpertsFunction(torch.autograd.Function):
         # [P, D] sorted: g = dout[token(r)] @ W_down[e]^T (the forward's gather, transposed weight),
         # which _swiglu_backward, its last reader, overwrites with h.
         g_then_h = _gemm(d_out, down.transpose(1, 2), plan, gemm_config, gather=True)
-        d_pre, d_pair_weights = _swiglu_backward(pre, g_then_h, pair_weights, plan)
+        d_pre, d_pair_weights = _swiglu_backward(pre, g_then_h, weights, plan)
         d_down = None
         if needs_down:
             d_down = grouped_weight_grad(
-                g_then_h, d_out, plan, b_rows="tokens", row_scale=pair_weights, config=weight_grad_config
+                g_then_h, d_out, plan, b_rows="tokens", row_scale=weights, config=weight_grad_config
             )
         del g_then_h
         d_gate_up = None
@@ -271,7 +267,7 @@ def _check_backward_memory(plan: DispatchPlan, routed_k: int, H: int, D: int, x:
         return experts_backward_bytes(tokens, H, D, routed_k, num_routed, num_shared, x.dtype).peak
 
     T = plan.num_tokens
-    check_fits(workspace(T), x.device, "the Triton experts backward", per_token=per_token_bytes(workspace, T))
+    check_fits(workspace(T), x.device, "the Triton experts backward", per_token=lambda: per_token_bytes(workspace, T))
 
 
 def experts_autograd(

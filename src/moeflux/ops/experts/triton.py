@@ -13,6 +13,7 @@ weights and the competition's separate per-expert tensors take the same kernels
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -65,6 +66,11 @@ def combine_pairs(pair_out: torch.Tensor, out: torch.Tensor | None = None) -> to
         TOP_K=top_k, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,
     )  # fmt: skip
     return out
+
+
+def pair_weights(expert_weights: torch.Tensor, num_shared: int) -> torch.Tensor:
+    """``[T, k + S]`` float32: the routing weights, then weight 1 for each shared slot (one launch)."""
+    return F.pad(expert_weights.to(torch.float32), (0, num_shared), value=1.0)
 
 
 def experts_triton(
@@ -147,15 +153,11 @@ def experts_triton_tables(
     plan = build_dispatch_plan(
         expert_ids, num_routed, num_shared_experts=num_shared, block_m=gate_up_config.block_m, check_ids=check_ids
     )
-    pair_weights = expert_weights.to(torch.float32)
-    if num_shared > 0:
-        shared_weights = torch.ones(T, num_shared, device=x.device, dtype=torch.float32)
-        pair_weights = torch.cat([pair_weights, shared_weights], dim=1)
     # [P, D] in sorted order: silu(x W_gate) * (x W_up) for every pair.
     hidden = grouped_matmul(x, experts.gate_up, plan, gather=True, swiglu=True, config=gate_up_config)
     # [P, H] in pair order: w_pair * hidden W_down, ready for a per-token sum.
     pair_out = grouped_matmul(
-        hidden, experts.down, plan, row_scale=pair_weights.reshape(-1), scatter=True, config=down_config
+        hidden, experts.down, plan, row_scale=pair_weights(expert_weights, num_shared).view(-1), scatter=True, config=down_config
     )
     return combine_pairs(pair_out.view(T, top_k, H))
 
@@ -168,4 +170,4 @@ def check_forward_memory(T, H, D, routed_k, num_routed, num_shared, x, *, traini
         return usage.peak
 
     what = "the Triton experts forward" + (" (training)" if training else "")
-    check_fits(workspace(T), x.device, what, per_token=per_token_bytes(workspace, T))
+    check_fits(workspace(T), x.device, what, per_token=lambda: per_token_bytes(workspace, T))

@@ -805,7 +805,7 @@ class FlashExpertFunction(torch.autograd.Function):
             t.numel() * t.element_size() for t in (indices, routing_weights) if not t.is_contiguous()
         )
         check_fits(workspace(T) + copies, hidden.device, "the Triton flash_expert forward",
-                   per_token=per_token_bytes(workspace, T))  # fmt: skip
+                   per_token=lambda: per_token_bytes(workspace, T))  # fmt: skip
         hidden, down, up = _unit_stride_rows(hidden), _unit_stride_rows(down), _unit_stride_rows(up)
         indices, routing_weights = indices.contiguous(), routing_weights.contiguous()
         device = hidden.device
@@ -837,7 +837,7 @@ class FlashExpertFunction(torch.autograd.Function):
             return flash_expert_backward_bytes(tokens, H, E, K, hidden.dtype, deterministic=not atomic,
                                                routing_weights_dtype=routing_weights.dtype).peak  # fmt: skip
 
-        check_fits(workspace(T), device, "the Triton flash_expert backward", per_token=per_token_bytes(workspace, T))
+        check_fits(workspace(T), device, "the Triton flash_expert backward", per_token=lambda: per_token_bytes(workspace, T))
         grad_out = _unit_stride_rows(grad_out)
         # Saved only with config.sorted_dots: the dots then run in expert order as forward.
         pairs = SortedPairs(order, sorted_experts) if order is not None else None
