@@ -34,6 +34,22 @@ def time_ms(fn, *, quick: bool = False) -> float:
     return 1e3 * sorted(times)[1]
 
 
+def graph_replay(fn):
+    """``fn`` captured in a CUDA graph (after two warm-up calls on a side stream); returns the
+    graph's ``replay``. Timing the replay measures the device's time for ``fn``'s launches
+    without the host's cost of issuing them."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def no_host_sync(fn) -> bool | None:
     """True if ``fn`` runs under ``set_sync_debug_mode("error")`` (any torch host sync raises)."""
     if not torch.cuda.is_available():

@@ -526,12 +526,9 @@ def _warps(elements: int) -> int:
     return 8 if elements >= 8192 else 4
 
 
-def default_config(
-    H: int, K: int, dtype: torch.dtype = torch.bfloat16, *, pairs_per_expert: float | None = None
-) -> FlashExpertConfig:
+def default_config(H: int, K: int, dtype: torch.dtype = torch.bfloat16) -> FlashExpertConfig:
     """Tiles from ``(H, K, dtype)``: chunks of H of 256 16-bit (128 32-bit) elements, 512
-    contiguous bytes per gathered row, and about ``MAX_TILE_ELEMENTS`` gathered per step.
-    ``pairs_per_expert`` (``T K / E``, when known) picks the weight-gradient kernel."""
+    contiguous bytes per gathered row, and about ``MAX_TILE_ELEMENTS`` gathered per step."""
     budget = MAX_TILE_ELEMENTS
     h = max(16, triton.next_power_of_2(max(H, 1)))
     chunk = 256 if dtype.itemsize <= 2 else 128
@@ -551,19 +548,13 @@ def default_config(
     combine = Tiles(pair_rows, pair_h, 4, 3)
     # Weight gradients: two float32 accumulators [rows, BLOCK_H] held through the program.
     if dtype == torch.bfloat16:
-        # Tensor-core kernel: 32 experts x 64 of H, 16 pairs per step, 2 stages. In the H100
-        # sweep (benchmarks/results/flash-expert-h100-2026-11-25-b9ceb5d) it was the best
-        # tile at four of the eight benchmark shapes and within 7% at two. Where experts get
-        # many pairs (K = 64, E = 65536: 8 each) the per-pair kernel (16 x 128, block_p 0)
-        # won by 18-26%; where most experts get none (K = 16, E = 2^20: 0.125 each), so
-        # programs mostly write zero rows, 64 experts a program did. The dot needs dims >= 16.
-        grad_h = block_h(min(64, budget // 128))
-        grad_rows = max(16, min(32, budget // 256))
-        expert_grads = Tiles(grad_rows, grad_h, 4, 2, None, 16)
-        if pairs_per_expert is not None and pairs_per_expert >= 4:
-            expert_grads = Tiles(16, block_h(128), 4, 2, False, 0)
-        elif pairs_per_expert is not None and pairs_per_expert <= 0.25:
-            expert_grads = Tiles(max(16, min(64, budget // 128)), grad_h, 4, 2, None, 16)
+        # Tensor-core kernel: 16 experts x 128 of H, 16 pairs per step, 2 warps, no software
+        # pipelining (small programs, many resident per SM, hide the gathers' latency better
+        # than deeper stages). In the H100 sweep (benchmarks/results/
+        # flash-expert-sweep-h100-2026-11-25-87b596c) it was the fastest of 42 tiles at seven
+        # of the eight benchmark shapes and 0.5% behind at the eighth, 1.2-1.8x faster than
+        # the tiles it replaced; the dot needs every dimension >= 16.
+        expert_grads = Tiles(16, block_h(128), 2, 1, None, 16)
     else:
         grad_h = block_h(min(128, budget // 64))
         expert_grads = Tiles(max(2, budget // 4 // grad_h), grad_h, 4, 2, None, 0)
@@ -624,10 +615,8 @@ def _sort_beside(indices: torch.Tensor, num_experts: int) -> tuple[SortedPairs, 
     return pairs, starts, join
 
 
-def _config(
-    config: FlashExpertConfig | None, H: int, K: int, dtype: torch.dtype, pairs_per_expert: float | None = None
-) -> FlashExpertConfig:
-    return default_config(H, K, dtype, pairs_per_expert=pairs_per_expert) if config is None else config
+def _config(config: FlashExpertConfig | None, H: int, K: int, dtype: torch.dtype) -> FlashExpertConfig:
+    return default_config(H, K, dtype) if config is None else config
 
 
 def launch_dots(
@@ -796,7 +785,7 @@ class FlashExpertFunction(torch.autograd.Function):
     def forward(ctx, hidden, down, up, indices, routing_weights, deterministic, config):
         T, H = hidden.shape
         E, K = down.shape[0], indices.shape[1]
-        config = _config(config, H, K, hidden.dtype, pairs_per_expert=T * K / max(E, 1))
+        config = _config(config, H, K, hidden.dtype)
 
         def workspace(tokens):
             return flash_expert_forward_bytes(tokens, H, E, K, hidden.dtype, sorted_dots=config.sorted_dots).peak
