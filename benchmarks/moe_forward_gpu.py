@@ -16,8 +16,10 @@ the torch path (``experts_torch``, ``torch._grouped_mm`` on Hopper).
    replayed from a CUDA graph), the triton path's parts (plan, gate|up GEMM, down GEMM,
    combine), and the whole forward (router matmul + routing + experts) of both backends.
    FLOPs = ``2 T H 3D (k + S)`` for the experts, ``+ 2 T H E`` for the router.
-5. Sweep: a few launch configs per GEMM and shape; prints the best of each, so a tuned table
-   can be committed to ``select_config``. Stops starting new shapes after ``SWEEP_BUDGET_S``.
+5. Sweep: the heuristic config and a few others per GEMM and shape (``select_config``'s
+   ``heuristic_config``), timed alike; a best config at least 3% faster than the heuristic
+   becomes an entry of ``gemm_configs_entries.json``, to merge into the GPU's table in
+   ``src/moeflux/data/gemm_configs.json``. Stops starting new shapes after ``SWEEP_BUDGET_S``.
 6. A Markdown table on stdout, JSON (and the tables) under ``--out``.
 
 ``--smoke`` runs tiny shapes (also on the CPU with TRITON_INTERPRET=1) to check the script.
@@ -45,11 +47,12 @@ from moeflux.config import MoEConfig
 from moeflux.ops.dispatch import build_dispatch_plan
 from moeflux.ops.experts.naive import experts_torch
 from moeflux.ops.experts.triton import combine_pairs, experts_triton
-from moeflux.ops.grouped_matmul import GroupedMatmulConfig, grouped_matmul, select_config
+from moeflux.ops.grouped_matmul import GroupedMatmulConfig, grouped_matmul, heuristic_config, select_config, tuned_key
 from moeflux.ops.routing import route
 from moeflux.weights import MoEWeights
 
-SWEEP_BUDGET_S = 180.0  # no new sweep shape after this many seconds of the run
+SWEEP_BUDGET_S = 300.0  # no new sweep shape after this many seconds of the run
+TABLE_MARGIN = 0.97  # a swept config enters the committed table only if this much faster than the heuristic
 TOLERANCE_VS_FP32 = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 
 
@@ -325,9 +328,11 @@ def candidates(rows_per_expert: float, swiglu: bool, smoke: bool) -> list[Groupe
                 C(16, 64, 128, 8, 4, 4), C(32, 128, 64, 8, 4, 4)]  # fmt: skip
     if swiglu:
         return [C(64, 64, 64, 8, 4, 4), C(64, 128, 64, 8, 8, 4), C(128, 64, 64, 8, 8, 4), C(128, 64, 64, 8, 4, 4),
-                C(128, 128, 64, 8, 8, 3), C(128, 128, 32, 8, 8, 4), C(128, 64, 64, 16, 8, 4)]  # fmt: skip
+                C(128, 128, 64, 8, 8, 3), C(128, 128, 32, 8, 8, 4), C(128, 64, 64, 16, 8, 4), C(128, 128, 64, 4, 8, 3),
+                C(128, 128, 64, 16, 8, 3), C(128, 128, 32, 16, 8, 4)]  # fmt: skip
     return [C(64, 128, 64, 8, 4, 4), C(128, 128, 64, 8, 8, 4), C(128, 128, 64, 8, 4, 4), C(128, 256, 64, 8, 8, 3),
-            C(64, 256, 64, 8, 8, 3), C(128, 128, 128, 8, 8, 3), C(128, 128, 64, 16, 8, 4)]  # fmt: skip
+            C(64, 256, 64, 8, 8, 3), C(128, 128, 128, 8, 8, 3), C(128, 128, 64, 16, 8, 4), C(128, 256, 64, 4, 8, 3),
+            C(128, 256, 64, 16, 8, 3), C(128, 256, 32, 8, 8, 4)]  # fmt: skip
 
 
 def sweep_shape(shape: Shape, x, weights: MoEWeights, expert_ids, expert_weights, smoke: bool) -> dict:
@@ -346,21 +351,32 @@ def sweep_shape(shape: Shape, x, weights: MoEWeights, expert_ids, expert_weights
                  lambda plan, c: grouped_matmul(hidden, weights.down, plan, row_scale=pair_weights, scatter=True,
                                                 config=c, out=pair_out)),
     }  # fmt: skip
+    widths = {"gate_up": (2 * D, H), "down": (H, D)}  # (N, K)
     result: dict = {"shape": shape.name, "dtype": dtype_name(shape.dtype)}
     for gemm, (swiglu, flops, run) in gemms.items():
+        N, K = widths[gemm]
+        heuristic = heuristic_config(math.ceil(rows_per_expert), N, K, shape.dtype, swiglu=swiglu)
+        listed = candidates(rows_per_expert, swiglu, smoke)
         entries = []
-        for config in candidates(rows_per_expert, swiglu, smoke):
+        for config in [heuristic, *(c for c in listed if c != heuristic)]:
             plan = base_plan.with_block_m(config.block_m)  # re-tiled outside the timed call
             entry = {"config": asdict(config)}
             try:
-                entry["ms"] = time_ms(lambda: run(plan, config), quick=True)
+                entry["ms"] = time_ms(lambda: run(plan, config))
                 entry["tflops"] = flops / (entry["ms"] * 1e-3) / 1e12
             except Exception as error:  # e.g. out of shared memory or registers
                 entry["ms"] = None
                 entry["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
             entries.append(entry)
         timed = [e for e in entries if e["ms"] is not None]
-        result[gemm] = {"candidates": entries, "best": min(timed, key=lambda e: e["ms"]) if timed else None}
+        best = min(timed, key=lambda e: e["ms"]) if timed else None
+        heuristic_ms = entries[0]["ms"]
+        result[gemm] = {"candidates": entries, "best": best, "heuristic": asdict(heuristic), "heuristic_ms": heuristic_ms,
+                        "key": tuned_key(shape.dtype, swiglu, N, K, math.ceil(rows_per_expert))}  # fmt: skip
+        # A table entry only where the sweep beats the heuristic by more than timing noise.
+        if best and heuristic_ms and best["ms"] < TABLE_MARGIN * heuristic_ms:
+            result[gemm]["table_entry"] = {"config": list(best["config"].values()), "ms": round(best["ms"], 4),
+                                           "heuristic_ms": round(heuristic_ms, 4), "shape": shape.name}  # fmt: skip
     best_gate_up, best_down = result["gate_up"]["best"], result["down"]["best"]
     if best_gate_up and best_down:
         args = (x, expert_ids, expert_weights, weights.gate_up, weights.down, E)
@@ -400,24 +416,24 @@ def markdown_row(row: dict, check: dict) -> str:
 
 
 SWEEP_HEADER = (
-    "| shape | dtype | GEMM | best config (BM, BN, BK, group, warps, stages) | ms | TFLOP/s | default ms |\n"
-    "|---|---|---|---|---|---|---|"
+    "| shape | dtype | GEMM | best config (BM, BN, BK, group, warps, stages) | ms | TFLOP/s | heuristic ms "
+    "| table entry |\n|---|---|---|---|---|---|---|---|"
 )
 
 
-def sweep_rows(sweep: dict, row: dict | None) -> list[str]:
+def sweep_rows(sweep: dict) -> list[str]:
     lines = []
     for gemm in ("gate_up", "down"):
-        best = sweep[gemm]["best"]
+        found = sweep[gemm]
+        best = found["best"]
         if best is None:
-            lines.append(f"| {sweep['shape']} | {sweep['dtype']} | {gemm} | all failed | n/a | n/a | n/a |")
+            lines.append(f"| {sweep['shape']} | {sweep['dtype']} | {gemm} | all failed | n/a | n/a | n/a | no |")
             continue
         config = "({block_m}, {block_n}, {block_k}, {group_m}, {num_warps}, {num_stages})".format(**best["config"])
-        default = (row or {}).get(f"{gemm}_gemm_ms")
-        default = "n/a" if default is None else f"{default:.3f}"
+        heuristic = "n/a" if found.get("heuristic_ms") is None else f"{found['heuristic_ms']:.3f}"
         lines.append(
             f"| {sweep['shape']} | {sweep['dtype']} | {gemm} | {config} | {best['ms']:.3f} | {best['tflops']:.0f} "
-            f"| {default} |"
+            f"| {heuristic} | {'yes' if 'table_entry' in found else 'no'} |"
         )
     return lines
 
@@ -526,7 +542,7 @@ def main() -> int:
             swept.add(shape.key())
             sweep = sweep_shape(shape, x, weights, expert_ids, expert_weights, args.smoke)
             sweeps.append(sweep)
-            print("\n".join(sweep_rows(sweep, row)))
+            print("\n".join(sweep_rows(sweep)))
             sys.stdout.flush()
         del x, weights, expert_ids, expert_weights
         free_memory(device)
@@ -541,20 +557,14 @@ def main() -> int:
         r.get("passes_competition_check", True) and r.get("graph_replay_equals_eager", True) for r in harness
     )
 
-    rows_by_shape = {row["shape"]: row for row in rows}
     table = "\n".join([HEADER, *(markdown_row(r, c) for r, c in zip(rows, checks))])
-    sweep_lines = [line for s in sweeps for line in sweep_rows(s, rows_by_shape.get(s["shape"]))]
+    sweep_lines = [line for s in sweeps for line in sweep_rows(s)]
     sweep_table = "\n".join([SWEEP_HEADER, *sweep_lines])
-    tuned = [
-        f"    {s['shape']!r}: ({GroupedMatmulConfig(**s['gate_up']['best']['config'])!r}, "
-        f"{GroupedMatmulConfig(**s['down']['best']['config'])!r}),  # {s.get('tuned_triton_ms', math.nan):.3f} ms"
-        for s in sweeps
-        if s["gate_up"]["best"] and s["down"]["best"]
-    ]
     summary = (
         f"moeflux experts forward on {gpu} (dense peak: {peak_line}); correctness: "
-        f"{'all passed' if checks_ok else 'FAILURES'}\n\n{table}\n\nsweep (best per GEMM):\n\n{sweep_table}\n\n"
-        "tuned configs (gate_up, down):\n{\n" + "\n".join(tuned) + "\n}\n"
+        f"{'all passed' if checks_ok else 'FAILURES'}\n\n{table}\n\nsweep (best per GEMM; \"table entry\": at least "
+        f"{100 * (1 - TABLE_MARGIN):.0f}% faster than the heuristic, written to gemm_configs_entries.json):\n\n"
+        f"{sweep_table}\n"
     )
     summary += "\n" + harness_table(harness)
     print("\n" + summary)
@@ -577,6 +587,11 @@ def main() -> int:
     }
     json_path = report_path(args.out, "moe_forward_gpu.json")
     write_report(json_path, report, summary)
+    # Entries for moeflux/data/gemm_configs.json (the GPU's table), from this run's sweep.
+    entries = {s[g]["key"]: s[g]["table_entry"] for s in sweeps for g in ("gate_up", "down") if "table_entry" in s[g]}
+    json_path.with_name("gemm_configs_entries.json").write_text(
+        json.dumps({"gpu": gpu, "git_commit": report["git_commit"], "date": report["date"], "entries": entries}, indent=2)
+    )
     print(f"wrote {json_path} ({report['wall_s']:.0f} s)")
     return 0 if checks_ok else 1
 

@@ -8,13 +8,16 @@ kernel fails to write shows up as NaN.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
+import re
 
 import pytest
 import torch
 
+import moeflux.ops.grouped_matmul as grouped_matmul_module
 from moeflux.ops.dispatch import build_dispatch_plan
 from moeflux.ops.grouped_matmul import (
     GroupedMatmulConfig,
@@ -23,6 +26,7 @@ from moeflux.ops.grouped_matmul import (
     moe_matmul_ogs,
     moe_matmul_ogs_top1,
     select_config,
+    tuned_key,
 )
 
 # Triton 3.6's interpreter turns a runtime loop bound into a 1-element array (NumPy 1.25+ warns).
@@ -230,6 +234,49 @@ def test_select_config_shapes():
             stage = (config.block_m * config.block_k + weight_blocks * config.block_k * config.block_n) * element_size
             assert 2 <= config.num_stages and stage * config.num_stages <= 227 * 1024
     assert select_config(256, 1536, 2048, torch.float16, num_experts=128, swiglu=True).block_m == 16  # decode
+
+
+def test_committed_config_tables_are_valid():
+    # Every committed entry is a config the kernel accepts, under a key select_config can form.
+    tables = grouped_matmul_module._tuned_tables()
+    assert set(tables) == {"H100", "H200"}
+    key_pattern = re.compile(r"^(float16|bfloat16|float32) (swiglu|plain) N=(\d+) K=(\d+) rows<=(\d+)$")
+    for entries in tables.values():
+        for key, entry in entries.items():
+            dtype, kind, N, K, rows = key_pattern.match(key).groups()
+            assert tuned_key(getattr(torch, dtype), kind == "swiglu", int(N), int(K), int(rows)) == key
+            config = GroupedMatmulConfig(*entry["config"])
+            for size in (config.block_m, config.block_n, config.block_k):
+                assert size >= 16 and size & (size - 1) == 0
+            assert config.num_warps in (2, 4, 8) and 1 <= config.num_stages <= 5 and config.group_m >= 1
+            assert entry["ms"] < entry["heuristic_ms"]
+
+
+def test_select_config_reads_the_gpus_table(monkeypatch):
+    tuned = GroupedMatmulConfig(128, 64, 32, 4, 4, 5)
+    key = tuned_key(torch.bfloat16, True, 4096, 7168, 1000)
+    monkeypatch.setattr(grouped_matmul_module, "_tuned_tables", lambda: {"H100": {key: {"config": list(dataclasses.astuple(tuned))}}})
+    monkeypatch.setattr(grouped_matmul_module, "_gpu_family", lambda device: "H100")
+    cuda = torch.device("cuda", 0)  # never touched: the GPU's name comes from the patched lookup
+    assert select_config(33_000, 4096, 7168, torch.bfloat16, num_experts=33, swiglu=True, device=cuda) == tuned
+    # Rows per expert are bucketed to the next power of two: 1000 rows share 513..1024's entry.
+    assert select_config(17_000, 4096, 7168, torch.bfloat16, num_experts=33, swiglu=True, device=cuda) == tuned
+    heuristic = select_config(33_000, 4096, 7168, torch.bfloat16, num_experts=33, swiglu=True)
+    assert heuristic != tuned
+    for other in [dict(device=torch.device("cpu")), dict(device=None)]:
+        assert select_config(33_000, 4096, 7168, torch.bfloat16, num_experts=33, swiglu=True, **other) == heuristic
+    for shape in [(33_000, 4096, 7168, torch.float16), (33_000, 4096, 4096, torch.bfloat16),
+                  (66_000 * 2, 4096, 7168, torch.bfloat16)]:  # fmt: skip
+        config = select_config(*shape, num_experts=33, swiglu=True, device=cuda)
+        assert config == select_config(*shape, num_experts=33, swiglu=True)
+    monkeypatch.setattr(grouped_matmul_module, "_gpu_family", lambda device: None)  # a GPU without a table
+    assert select_config(33_000, 4096, 7168, torch.bfloat16, num_experts=33, swiglu=True, device=cuda) == heuristic
+
+
+def test_gpu_family_names():
+    assert grouped_matmul_module._gpu_family_of("NVIDIA H100 80GB HBM3") == "H100"
+    assert grouped_matmul_module._gpu_family_of("NVIDIA H200") == "H200"
+    assert grouped_matmul_module._gpu_family_of("NVIDIA A100-SXM4-80GB") is None
 
 
 def test_rejects_mismatched_arguments():

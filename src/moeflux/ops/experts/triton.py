@@ -146,9 +146,11 @@ def experts_triton_tables(
     num_experts = num_routed + num_shared
     check_forward_memory(T, H, D, expert_ids.shape[1], num_routed, num_shared, x, training=False)
     if gate_up_config is None:
-        gate_up_config = select_config(num_pairs, 2 * D, H, x.dtype, num_experts=num_experts, swiglu=True)
+        gate_up_config = select_config(
+            num_pairs, 2 * D, H, x.dtype, num_experts=num_experts, swiglu=True, device=x.device
+        )
     if down_config is None:
-        down_config = select_config(num_pairs, H, D, x.dtype, num_experts=num_experts)
+        down_config = select_config(num_pairs, H, D, x.dtype, num_experts=num_experts, device=x.device)
 
     plan = build_dispatch_plan(
         expert_ids, num_routed, num_shared_experts=num_shared, block_m=gate_up_config.block_m, check_ids=check_ids

@@ -23,6 +23,9 @@ outer-gather-scatter contract of Helion's ``moe_matmul_ogs`` example (top-1 rout
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -219,22 +222,43 @@ def _alignment(byte_values: Sequence[int]) -> int:
 
 
 def select_config(
-    M_total: int, N: int, K: int, dtype: torch.dtype, *, num_experts: int = 1, swiglu: bool = False
+    M_total: int,
+    N: int,
+    K: int,
+    dtype: torch.dtype,
+    *,
+    num_experts: int = 1,
+    swiglu: bool = False,
+    device: torch.device | None = None,
 ) -> GroupedMatmulConfig:
     """A launch config for ``M_total`` sorted rows over ``num_experts`` experts, ``W[e]`` of
-    ``[K, N]`` (``N`` counts both halves when ``swiglu``). A heuristic, not a search: nothing
-    is timed on the hot path.
+    ``[K, N]`` (``N`` counts both halves when ``swiglu``). Nothing is timed on the hot path:
 
-    * ``block_m`` follows the mean rows per expert (16 .. 128): a tile never straddles
-      experts, so a tile much taller than an expert's rows is mostly padding (decode).
-    * ``block_n = 128``, ``block_k = 64`` (32 in float32, whose tiles are twice the bytes),
-      smaller for narrower ``N`` / ``K``; a plain (non-SwiGLU) GEMM with full 128-row tiles
-      takes ``block_n = 256``: measured 1.3x faster on the H100 for the down projections of
-      the competition and model shapes (benchmarks/results/moe-forward-h100-2026-11-25).
-    * 8 warps once the fp32 accumulators reach ``128 x 128`` elements, else 4.
-    * as many pipeline stages (2 .. 4) as fit in about 160 KiB of shared memory.
+    1. On a CUDA ``device`` whose GPU has a committed table (``moeflux/data/gemm_configs.json``,
+       measured by ``benchmarks/moe_forward_gpu.py --sweep``), the entry for this dtype,
+       ``swiglu``, ``N``, ``K`` and rows per expert (rounded up to a power of two), if any:
+       the table keeps only configs that measured faster than the heuristic below.
+    2. Otherwise a heuristic:
+
+       * ``block_m`` follows the mean rows per expert (16 .. 128): a tile never straddles
+         experts, so a tile much taller than an expert's rows is mostly padding (decode).
+       * ``block_n = 128``, ``block_k = 64`` (32 in float32, whose tiles are twice the bytes),
+         smaller for narrower ``N`` / ``K``; a plain (non-SwiGLU) GEMM with full 128-row tiles
+         takes ``block_n = 256``: measured 1.3x faster on the H100 for the down projections of
+         the competition and model shapes (benchmarks/results/moe-forward-h100-2026-11-25).
+       * 8 warps once the fp32 accumulators reach ``128 x 128`` elements, else 4.
+       * as many pipeline stages (2 .. 4) as fit in about 160 KiB of shared memory.
     """
     rows_per_expert = -(-M_total // max(num_experts, 1))
+    if device is not None and device.type == "cuda":
+        tuned = tuned_config(_gpu_family(device), dtype, swiglu, N, K, rows_per_expert)
+        if tuned is not None:
+            return tuned
+    return heuristic_config(rows_per_expert, N, K, dtype, swiglu=swiglu)
+
+
+def heuristic_config(rows_per_expert: int, N: int, K: int, dtype: torch.dtype, *, swiglu: bool) -> GroupedMatmulConfig:
+    """:func:`select_config`'s rule for shapes the committed table does not list."""
     if rows_per_expert <= 16:
         block_m = 16
     elif rows_per_expert <= 32:
@@ -254,6 +278,46 @@ def select_config(
     stage_bytes = (block_m * block_k + weight_blocks * block_k * block_n) * element_size
     num_stages = max(2, min(4, (160 * 1024) // stage_bytes))
     return GroupedMatmulConfig(block_m, block_n, block_k, 8, num_warps, num_stages)
+
+
+def tuned_key(dtype: torch.dtype, swiglu: bool, N: int, K: int, rows_per_expert: int) -> str:
+    """The committed table's key: ``"bfloat16 swiglu N=4096 K=7168 rows<=1024"``."""
+    bucket = 1 << max(int(rows_per_expert) - 1, 0).bit_length()
+    return f"{str(dtype).removeprefix('torch.')} {'swiglu' if swiglu else 'plain'} N={N} K={K} rows<={bucket}"
+
+
+def tuned_config(
+    gpu: str | None, dtype: torch.dtype, swiglu: bool, N: int, K: int, rows_per_expert: int
+) -> GroupedMatmulConfig | None:
+    """The committed table's config for this GEMM on ``gpu`` (``"H100"``, ``"H200"``), or None."""
+    if gpu is None:
+        return None
+    entry = _tuned_tables().get(gpu, {}).get(tuned_key(dtype, swiglu, N, K, rows_per_expert))
+    return None if entry is None else GroupedMatmulConfig(*entry["config"])
+
+
+@functools.cache
+def _tuned_tables() -> dict[str, dict[str, dict]]:
+    text = importlib.resources.files("moeflux").joinpath("data/gemm_configs.json").read_text()
+    return {gpu: table["entries"] for gpu, table in json.loads(text)["gpus"].items()}
+
+
+@functools.cache
+def _gpu_family_of(name: str) -> str | None:
+    for family in ("H100", "H200"):
+        if family in name:
+            return family
+    return None
+
+
+def _gpu_family(device: torch.device) -> str | None:
+    """``"H100"`` / ``"H200"`` (the GPUs with a committed table), else None."""
+    return _gpu_family_of(_device_name(device.index if device.index is not None else torch.cuda.current_device()))
+
+
+@functools.cache
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
 def _at_least_16(size: int) -> int:
@@ -302,7 +366,7 @@ def grouped_matmul(
         if config is None:
             width = 2 * table.cols if swiglu else table.cols
             config = select_config(
-                plan.num_pairs, width, table.rows, x.dtype, num_experts=plan.num_experts, swiglu=swiglu
+                plan.num_pairs, width, table.rows, x.dtype, num_experts=plan.num_experts, swiglu=swiglu, device=x.device
             )
         return grouped_matmul_triton(
             x, table, plan, gather=gather, swiglu=swiglu, row_scale=row_scale, scatter=scatter, config=config, out=out
@@ -353,7 +417,7 @@ def moe_matmul_ogs(
             f"{list(expert_token_counts.shape)} and {list(expert_token_offsets.shape)}"
         )
     if config is None:
-        config = select_config(A.shape[0], W.shape[2], W.shape[1], A.dtype, num_experts=W.shape[0])
+        config = select_config(A.shape[0], W.shape[2], W.shape[1], A.dtype, num_experts=W.shape[0], device=A.device)
     plan = plan_from_sorted_order(
         expert_token_counts, expert_token_offsets, sorted_to_orig_token_idx, top_k=1, block_m=config.block_m
     )
@@ -380,7 +444,7 @@ def moe_matmul_ogs_top1(
     if expert_ids.shape != (A.shape[0],):
         raise ValueError(f"expert_ids must be [T] = [{A.shape[0]}], got {list(expert_ids.shape)}")
     if config is None:
-        config = select_config(A.shape[0], W.shape[2], W.shape[1], A.dtype, num_experts=W.shape[0])
+        config = select_config(A.shape[0], W.shape[2], W.shape[1], A.dtype, num_experts=W.shape[0], device=A.device)
     plan = build_dispatch_plan(expert_ids[:, None], W.shape[0], block_m=config.block_m, check_ids=check_ids)
     return grouped_matmul(A, W, plan, gather=True, scatter=True, config=config, backend=backend)
 
