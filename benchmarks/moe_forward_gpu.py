@@ -247,8 +247,8 @@ def time_shape(shape: Shape, x, weights: MoEWeights, expert_ids, expert_weights,
     row: dict = {"shape": shape.name, "dtype": dtype_name(shape.dtype), "T": T, "H": H, "D": D, "E": E, "S": S,
                  "k": shape.k, "expert_flops": shape.expert_flops, "router_flops": shape.router_flops}  # fmt: skip
     top_k = shape.k + S
-    gate_up_config = select_config(T * top_k, 2 * D, H, shape.dtype, num_experts=E + S, swiglu=True)
-    down_config = select_config(T * top_k, H, D, shape.dtype, num_experts=E + S)
+    gate_up_config = select_config(T * top_k, 2 * D, H, shape.dtype, num_experts=E + S, swiglu=True, device=x.device)
+    down_config = select_config(T * top_k, H, D, shape.dtype, num_experts=E + S, device=x.device)
     row["gate_up_config"], row["down_config"] = asdict(gate_up_config), asdict(down_config)
 
     def forward(backend):

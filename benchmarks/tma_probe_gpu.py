@@ -166,8 +166,8 @@ def probe_shape(shape, dtype, device, results: list) -> None:
     tables = ExpertTables.from_packed(gate_up, down, E)
     P = T * (k + S)
     row_scale = torch.rand(P, device=device)
-    base_gu = select_config(P, 2 * D, H, dtype, num_experts=E + S, swiglu=True)
-    base_dn = select_config(P, H, D, dtype, num_experts=E + S)
+    base_gu = select_config(P, 2 * D, H, dtype, num_experts=E + S, swiglu=True, device=device)
+    base_dn = select_config(P, H, D, dtype, num_experts=E + S, device=device)
     plan = build_dispatch_plan(ids, E, num_shared_experts=S, block_m=base_gu.block_m, check_ids=False)
     gemms = {
         "gate_up": dict(x=x, table=tables.gate_up, gather=True, swiglu=True, row_scale=None, scatter=False,
