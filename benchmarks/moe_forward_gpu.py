@@ -16,10 +16,10 @@ the torch path (``experts_torch``, ``torch._grouped_mm`` on Hopper).
    replayed from a CUDA graph), the triton path's parts (plan, gate|up GEMM, down GEMM,
    combine), and the whole forward (router matmul + routing + experts) of both backends.
    FLOPs = ``2 T H 3D (k + S)`` for the experts, ``+ 2 T H E`` for the router.
-5. Sweep: the heuristic config and a few others per GEMM and shape (``select_config``'s
-   ``heuristic_config``), timed alike; a best config at least 3% faster than the heuristic
-   becomes an entry of ``gemm_configs_entries.json``, to merge into the GPU's table in
-   ``src/moeflux/data/gemm_configs.json``. Stops starting new shapes after ``SWEEP_BUDGET_S``.
+5. Sweep: the heuristic config (``select_config``'s ``heuristic_config``) and a few others per
+   GEMM and shape, timed alike, under the key of the GPU's committed table;
+   ``benchmarks/gemm_table.py`` turns the sweeps of several runs into that table
+   (``src/moeflux/data/gemm_configs.json``). Stops starting new shapes after ``SWEEP_BUDGET_S``.
 6. A Markdown table on stdout, JSON (and the tables) under ``--out``.
 
 ``--smoke`` runs tiny shapes (also on the CPU with TRITON_INTERPRET=1) to check the script.
@@ -52,7 +52,6 @@ from moeflux.ops.routing import route
 from moeflux.weights import MoEWeights
 
 SWEEP_BUDGET_S = 300.0  # no new sweep shape after this many seconds of the run
-TABLE_MARGIN = 0.97  # a swept config enters the committed table only if this much faster than the heuristic
 TOLERANCE_VS_FP32 = {torch.float16: 2e-3, torch.bfloat16: 1e-2, torch.float32: 1e-5}
 
 
@@ -373,10 +372,6 @@ def sweep_shape(shape: Shape, x, weights: MoEWeights, expert_ids, expert_weights
         heuristic_ms = entries[0]["ms"]
         result[gemm] = {"candidates": entries, "best": best, "heuristic": asdict(heuristic), "heuristic_ms": heuristic_ms,
                         "key": tuned_key(shape.dtype, swiglu, N, K, math.ceil(rows_per_expert))}  # fmt: skip
-        # A table entry only where the sweep beats the heuristic by more than timing noise.
-        if best and heuristic_ms and best["ms"] < TABLE_MARGIN * heuristic_ms:
-            result[gemm]["table_entry"] = {"config": list(best["config"].values()), "ms": round(best["ms"], 4),
-                                           "heuristic_ms": round(heuristic_ms, 4), "shape": shape.name}  # fmt: skip
     best_gate_up, best_down = result["gate_up"]["best"], result["down"]["best"]
     if best_gate_up and best_down:
         args = (x, expert_ids, expert_weights, weights.gate_up, weights.down, E)
@@ -417,7 +412,7 @@ def markdown_row(row: dict, check: dict) -> str:
 
 SWEEP_HEADER = (
     "| shape | dtype | GEMM | best config (BM, BN, BK, group, warps, stages) | ms | TFLOP/s | heuristic ms "
-    "| table entry |\n|---|---|---|---|---|---|---|---|"
+    "| best / heuristic |\n|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -430,10 +425,12 @@ def sweep_rows(sweep: dict) -> list[str]:
             lines.append(f"| {sweep['shape']} | {sweep['dtype']} | {gemm} | all failed | n/a | n/a | n/a | no |")
             continue
         config = "({block_m}, {block_n}, {block_k}, {group_m}, {num_warps}, {num_stages})".format(**best["config"])
-        heuristic = "n/a" if found.get("heuristic_ms") is None else f"{found['heuristic_ms']:.3f}"
+        heuristic_ms = found.get("heuristic_ms")
+        heuristic = "n/a" if heuristic_ms is None else f"{heuristic_ms:.3f}"
+        ratio = "n/a" if heuristic_ms is None else f"{best['ms'] / heuristic_ms:.3f}"
         lines.append(
             f"| {sweep['shape']} | {sweep['dtype']} | {gemm} | {config} | {best['ms']:.3f} | {best['tflops']:.0f} "
-            f"| {heuristic} | {'yes' if 'table_entry' in found else 'no'} |"
+            f"| {heuristic} | {ratio} |"
         )
     return lines
 
@@ -562,9 +559,8 @@ def main() -> int:
     sweep_table = "\n".join([SWEEP_HEADER, *sweep_lines])
     summary = (
         f"moeflux experts forward on {gpu} (dense peak: {peak_line}); correctness: "
-        f"{'all passed' if checks_ok else 'FAILURES'}\n\n{table}\n\nsweep (best per GEMM; \"table entry\": at least "
-        f"{100 * (1 - TABLE_MARGIN):.0f}% faster than the heuristic, written to gemm_configs_entries.json):\n\n"
-        f"{sweep_table}\n"
+        f"{'all passed' if checks_ok else 'FAILURES'}\n\n{table}\n\nsweep (best per GEMM; benchmarks/gemm_table.py "
+        f"turns the sweeps of several runs into the GPU's committed table):\n\n{sweep_table}\n"
     )
     summary += "\n" + harness_table(harness)
     print("\n" + summary)
@@ -587,11 +583,6 @@ def main() -> int:
     }
     json_path = report_path(args.out, "moe_forward_gpu.json")
     write_report(json_path, report, summary)
-    # Entries for moeflux/data/gemm_configs.json (the GPU's table), from this run's sweep.
-    entries = {s[g]["key"]: s[g]["table_entry"] for s in sweeps for g in ("gate_up", "down") if "table_entry" in s[g]}
-    json_path.with_name("gemm_configs_entries.json").write_text(
-        json.dumps({"gpu": gpu, "git_commit": report["git_commit"], "date": report["date"], "entries": entries}, indent=2)
-    )
     print(f"wrote {json_path} ({report['wall_s']:.0f} s)")
     return 0 if checks_ok else 1
 

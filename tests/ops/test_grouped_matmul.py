@@ -249,7 +249,7 @@ def test_committed_config_tables_are_valid():
             for size in (config.block_m, config.block_n, config.block_k):
                 assert size >= 16 and size & (size - 1) == 0
             assert config.num_warps in (2, 4, 8) and 1 <= config.num_stages <= 5 and config.group_m >= 1
-            assert entry["ms"] < entry["heuristic_ms"]
+            assert entry["ratios"] and max(entry["ratios"]) <= 0.97  # won by 3% in every sweep
 
 
 def test_select_config_reads_the_gpus_table(monkeypatch):

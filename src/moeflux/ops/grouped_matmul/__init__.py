@@ -235,9 +235,10 @@ def select_config(
     ``[K, N]`` (``N`` counts both halves when ``swiglu``). Nothing is timed on the hot path:
 
     1. On a CUDA ``device`` whose GPU has a committed table (``moeflux/data/gemm_configs.json``,
-       measured by ``benchmarks/moe_forward_gpu.py --sweep``), the entry for this dtype,
-       ``swiglu``, ``N``, ``K`` and rows per expert (rounded up to a power of two), if any:
-       the table keeps only configs that measured faster than the heuristic below.
+       written by ``benchmarks/gemm_table.py`` from the sweeps of ``benchmarks/moe_forward_gpu.py``),
+       the entry for this dtype, ``swiglu``, ``N``, ``K`` and rows per expert (rounded up to a
+       power of two), if any: the table keeps only configs that beat the heuristic below by 3%
+       in every sweep.
     2. Otherwise a heuristic:
 
        * ``block_m`` follows the mean rows per expert (16 .. 128): a tile never straddles
