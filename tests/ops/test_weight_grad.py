@@ -97,6 +97,17 @@ def test_row_orders_fp32(a_rows, b_rows, scale):
     assert torch.equal(out[3], torch.zeros_like(out[3])), "an expert with no rows must get exact zeros"
 
 
+@pytest.mark.parametrize("K, N", [(40, 72), (72, 40), (48, 48)], ids=["N wider", "K wider", "square"])
+def test_grid_orientations(K, N):
+    # The narrower of K and N varies fastest in the grid; every tile of both orientations,
+    # ragged ones included, is written (NaN-poisoned output) with the reference's values.
+    plan, operands, row_scale = make_problem(31, 2, 4, 1, K, N, torch.float32, choices=[0, 1, 3], seed=9)
+    a, b = operands["tokens"][0], operands["sorted"][1]
+    out = run(a, b, plan, "tokens", "sorted", row_scale)
+    assert rel_l2(out, reference(a, b, plan, "tokens", "sorted", row_scale)) < TOLERANCE[torch.float32]
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_precision(dtype):
     # The two launches of the experts backward: dW_down (sorted h scaled, gathered dout) and

@@ -16,7 +16,8 @@ where each operand's rows are read in one of three orders (``a_rows`` / ``b_rows
 and ``s(r) = row_scale[sorted_to_pair[r]]`` (float32, pair order) when given, else 1.
 
 Grid: one program per ``[BLOCK_K, BLOCK_N]`` tile of one ``dW[e]``, ``E' x cdiv(K, BK) x
-cdiv(N, BN)`` programs, each looping over its expert's rows in ``BLOCK_M`` steps, in row
+cdiv(N, BN)`` programs (the narrower of K and N varying fastest, so the operand swept by the
+programs running together stays in L2), each looping over its expert's rows in ``BLOCK_M`` steps, in row
 order: deterministic, no atomics, and an expert with no rows stores exact zeros. The grid is
 proportional to ``E'`` and the row loop is sequential per expert: an expert with many rows
 (the shared experts see every token) makes its programs long. The experts are walked last to
@@ -152,13 +153,17 @@ def _weight_grad_kernel(
     PREFETCH_ROWS: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no column mask on a
     EVEN_N: tl.constexpr,
+    K_FASTEST: tl.constexpr,  # program_id(0) walks K tiles (else N tiles); see the launcher
     INPUT_PRECISION: tl.constexpr,
     DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    i_n, i_k = tl.program_id(0), tl.program_id(1)
+    if K_FASTEST:
+        i_k, i_n = tl.program_id(0), tl.program_id(1)
+    else:
+        i_n, i_k = tl.program_id(0), tl.program_id(1)
     # Last expert first: the shared experts (every token, the longest row loops) sit last.
     i_e = (num_experts - 1 - tl.program_id(2)).to(tl.int64)
     row_start = tl.load(expert_offsets_ptr + i_e)
@@ -340,14 +345,21 @@ def grouped_weight_grad(
             scale = False
     else:
         row_scale = plan.sorted_to_pair  # unused when SCALE is off
-    grid = (triton.cdiv(N, config.block_n), triton.cdiv(K, config.block_k), num_experts)
+    # Programs start in grid order, the first axis fastest: the programs running at one time
+    # share a tile row of the slower axis and sweep the faster one, so the faster axis's
+    # operand (all of an expert's rows, that axis wide) cycles through L2 once per tile row.
+    # Sweep the narrower of K and N: with N fastest, Mixtral's dW_gate_up (K = 4096, N =
+    # 28672, 1024 rows an expert) re-read its 58 MB b from HBM for each of 32 tile rows.
+    k_fastest = N > K
+    num_k_tiles, num_n_tiles = triton.cdiv(K, config.block_k), triton.cdiv(N, config.block_n)
+    grid = (num_k_tiles, num_n_tiles, num_experts) if k_fastest else (num_n_tiles, num_k_tiles, num_experts)
     _weight_grad_kernel[grid](
         a, b, out, row_scale, plan.sorted_to_pair, plan.expert_offsets, K, N, num_experts,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
         GATHER_A=a_rows != "sorted", GATHER_B=b_rows != "sorted",
         A_DIVISOR=top_k if a_rows == "tokens" else 1, B_DIVISOR=top_k if b_rows == "tokens" else 1,
         SCALE=scale, PREFETCH_ROWS=config.prefetch_rows, EVEN_K=K % config.block_k == 0,
-        EVEN_N=N % config.block_n == 0, INPUT_PRECISION=_input_precision(a.dtype),
+        EVEN_N=N % config.block_n == 0, K_FASTEST=k_fastest, INPUT_PRECISION=_input_precision(a.dtype),
         DOT_IN_FP32=a.device.type == "cpu" and a.dtype == torch.bfloat16,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages,
