@@ -34,20 +34,25 @@ def time_ms(fn, *, quick: bool = False) -> float:
     return 1e3 * sorted(times)[1]
 
 
-def graph_replay(fn):
-    """``fn`` captured in a CUDA graph (after two warm-up calls on a side stream); returns the
-    graph's ``replay``. Timing the replay measures the device's time for ``fn``'s launches
-    without the host's cost of issuing them."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+def capture(fn):
+    """``(graph, static outputs)``: ``fn`` warmed up twice on a side stream, then captured in
+    a CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
         for _ in range(2):
             fn()
-    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+        outputs = fn()
+    return graph, outputs
+
+
+def graph_replay(fn):
+    """The ``replay`` of ``fn`` captured by :func:`capture`: timing it measures the device's
+    time for ``fn``'s launches without the host's cost of issuing them."""
+    return capture(fn)[0].replay
 
 
 def no_host_sync(fn) -> bool | None:

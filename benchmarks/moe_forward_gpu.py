@@ -38,7 +38,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from _common import git_commit, no_host_sync, pick_device, rel_l2, report_path, time_ms, write_report
+from _common import capture, git_commit, no_host_sync, pick_device, rel_l2, report_path, time_ms, write_report
 import torch
 import torch.nn.functional as F
 import triton
@@ -187,24 +187,11 @@ def check_shape(shape: Shape, x, weights: MoEWeights, expert_ids, expert_weights
     return result
 
 
-def capture_graph(fn):
-    """``(graph, static_output)``: ``fn`` warmed up on a side stream, then captured."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = fn()
-    return graph, static_out
-
-
 def graph_matches(fn, expected: torch.Tensor) -> bool | None:
     if not torch.cuda.is_available():
         return None
     try:
-        graph, static_out = capture_graph(fn)
+        graph, static_out = capture(fn)
         graph.replay()
         torch.cuda.synchronize()
         return torch.equal(static_out, expected)
@@ -285,7 +272,7 @@ def time_shape(shape: Shape, x, weights: MoEWeights, expert_ids, expert_weights,
             row[f"{key}_error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
     if torch.cuda.is_available():
         try:
-            graph, _ = capture_graph(lambda: experts_triton(*args, check_ids=False))
+            graph, _ = capture(lambda: experts_triton(*args, check_ids=False))
             row["triton_graph_ms"] = time_ms(graph.replay)
             del graph
         except Exception as error:

@@ -57,7 +57,7 @@ from unittest import mock
 # cuBLAS workspace; it must be set before the first cuBLAS call.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-from _common import git_commit, pick_device, rel_l2, report_path, write_report
+from _common import capture, git_commit, pick_device, rel_l2, report_path, write_report
 import torch
 import torch.nn.functional as F
 import triton
@@ -328,20 +328,6 @@ def check_determinism_flash(ctx: Context) -> dict:
     result["atomic_path_bitwise_run_to_run (informational)"] = bitwise(*atomic)
     result["ok"] = all(result["bitwise"].values())
     return result
-
-
-def capture(fn):
-    """``(graph, static outputs)``: ``fn`` warmed up on a side stream, then captured."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outputs = fn()
-    return graph, outputs
 
 
 def check_graph_layer_forward(ctx: Context) -> dict:

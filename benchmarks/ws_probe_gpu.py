@@ -24,16 +24,19 @@ from _common import git_commit, pick_device, rel_l2, report_path, time_ms, write
 
 
 @triton.jit
-def _pointer_kernel(a_ptr, b_ptr, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
-    pid = tl.program_id(0)
+def _tile_of(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(i_m, i_n)`` of program ``pid`` in the grouped (L2-swizzled) order."""
     num_n = tl.cdiv(N, BLOCK_N)
-    num_m = tl.cdiv(M, BLOCK_M)
     group = GROUP_M * num_n
     first_m = (pid // group) * GROUP_M
-    size = tl.minimum(num_m - first_m, GROUP_M)
-    i_m = first_m + (pid % group) % size
-    i_n = (pid % group) // size
+    size = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return first_m + (pid % group) % size, (pid % group) // size
+
+
+@triton.jit
+def _pointer_kernel(a_ptr, b_ptr, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):  # fmt: skip
+    i_m, i_n = _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     o_m = i_m * BLOCK_M + tl.arange(0, BLOCK_M)
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
     o_k = tl.arange(0, BLOCK_K)
@@ -50,14 +53,7 @@ def _pointer_kernel(a_ptr, b_ptr, c_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N
 @triton.jit
 def _tma_kernel(a_desc, b_desc, c_desc, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, WS: tl.constexpr):  # fmt: skip
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_m = tl.cdiv(M, BLOCK_M)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size = tl.minimum(num_m - first_m, GROUP_M)
-    i_m = first_m + (pid % group) % size
-    i_n = (pid % group) // size
+    i_m, i_n = _tile_of(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k in tl.range(0, K, BLOCK_K, warp_specialize=WS):
         acc = tl.dot(a_desc.load([i_m * BLOCK_M, k]), b_desc.load([k, i_n * BLOCK_N]), acc)
@@ -68,16 +64,10 @@ def _tma_kernel(a_desc, b_desc, c_desc, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N:
 def _persistent_kernel(a_desc, b_desc, c_desc, M, N, K, NUM_SMS: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, WS: tl.constexpr,
                        FLATTEN: tl.constexpr):  # fmt: skip
-    num_n = tl.cdiv(N, BLOCK_N)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_tiles = num_m * num_n
-    group = GROUP_M * num_n
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=FLATTEN, warp_specialize=WS):
-        first_m = (tile // group) * GROUP_M
-        size = tl.minimum(num_m - first_m, GROUP_M)
-        i_m = first_m + (tile % group) % size
-        i_n = (tile % group) // size
+        i_m, i_n = _tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for ki in range(k_tiles):
             acc = tl.dot(a_desc.load([i_m * BLOCK_M, ki * BLOCK_K]), b_desc.load([ki * BLOCK_K, i_n * BLOCK_N]), acc)
