@@ -552,7 +552,7 @@ def default_config(H: int, K: int, dtype: torch.dtype = torch.bfloat16) -> Flash
         # pipelining (small programs, many resident per SM, hide the gathers' latency better
         # than deeper stages). In the H100 sweep (benchmarks/results/
         # flash-expert-sweep-h100-2026-11-25-87b596c) it was the fastest of 42 tiles at seven
-        # of the eight benchmark shapes and 0.5% behind at the eighth, 1.2-1.8x faster than
+        # of the eight benchmark shapes and 0.5% behind at the eighth, 1.15-1.55x faster than
         # the tiles it replaced; the dot needs every dimension >= 16.
         expert_grads = Tiles(16, block_h(128), 2, 1, None, 16)
     else:
