@@ -22,9 +22,8 @@ import sys
 import torch
 
 from _common import git_commit, pick_device, report_path, time_ms, write_report
-from moe_forward_gpu import load_shapes, make_inputs
-from moeflux.ops.dispatch import build_dispatch_plan
-from moeflux.ops.grouped_matmul import grouped_matmul, heuristic_config
+from moe_forward_gpu import forward_gemms, load_shapes, make_inputs
+from moeflux.ops.grouped_matmul import heuristic_config
 
 GROUPS = (4, 8, 16, 32, 64)
 ROUNDS = 5
@@ -43,21 +42,9 @@ def main() -> int:
         if shape.T < 1024:  # decode: one or two row tiles an expert, nothing to group
             continue
         x, weights, expert_ids, expert_weights = make_inputs(shape, device)
-        top_k = shape.k + shape.S
-        rows_per_expert = -(-shape.T * top_k // (shape.E + shape.S))
-        plan = build_dispatch_plan(expert_ids, shape.E, num_shared_experts=shape.S, block_m=16, check_ids=False)
-        pair_weights = torch.cat(
-            [expert_weights.float(), torch.ones(shape.T, shape.S, device=device)], dim=1
-        ).reshape(-1)
-        hidden = grouped_matmul(x, weights.gate_up, plan, gather=True, swiglu=True)
-        pair_out = torch.empty(shape.T * top_k, shape.H, device=device, dtype=x.dtype)
-        gemms = {
-            "gate_up": (True, 2 * shape.D, shape.H, lambda p, c: grouped_matmul(
-                x, weights.gate_up, p, gather=True, swiglu=True, config=c, out=hidden)),
-            "down": (False, shape.H, shape.D, lambda p, c: grouped_matmul(
-                hidden, weights.down, p, row_scale=pair_weights, scatter=True, config=c, out=pair_out)),
-        }  # fmt: skip
-        for gemm, (swiglu, N, K, run) in gemms.items():
+        rows_per_expert = -(-shape.T * (shape.k + shape.S) // (shape.E + shape.S))
+        plan, gemms = forward_gemms(shape, x, weights, expert_ids, expert_weights)
+        for gemm, (swiglu, N, K, _, run) in gemms.items():
             base = heuristic_config(rows_per_expert, N, K, shape.dtype, swiglu=swiglu)
             tiled = plan.with_block_m(base.block_m)
             times: dict[int, list[float]] = {g: [] for g in GROUPS}
@@ -71,7 +58,7 @@ def main() -> int:
             rows.append(row)
             print(f"{shape.name:32s} {gemm:8s} " + "  ".join(
                 f"g{g}: {m:.3f} ({m / medians[8]:.3f})" for g, m in medians.items()), flush=True)  # fmt: skip
-        del x, weights, hidden, pair_out
+        del x, weights, gemms
         torch.cuda.empty_cache()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     lines = [f"group_m probe on {gpu}, {date}, commit {git_commit()}: median ms over {ROUNDS} interleaved rounds "

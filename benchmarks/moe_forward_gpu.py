@@ -46,7 +46,7 @@ import triton
 from moeflux.config import MoEConfig
 from moeflux.ops.dispatch import build_dispatch_plan
 from moeflux.ops.experts.naive import experts_torch
-from moeflux.ops.experts.triton import combine_pairs, experts_triton
+from moeflux.ops.experts.triton import combine_pairs, experts_triton, pair_weights
 from moeflux.ops.grouped_matmul import GroupedMatmulConfig, grouped_matmul, heuristic_config, select_config, tuned_key
 from moeflux.ops.routing import route
 from moeflux.weights import MoEWeights
@@ -227,6 +227,26 @@ def check_int64_offsets(device: torch.device, smoke: bool) -> dict:
 # --------------------------------------------------------------------------------------
 
 
+def forward_gemms(shape: Shape, x, weights: MoEWeights, expert_ids, expert_weights):
+    """``(plan, gemms)`` for timing the experts forward's two GEMMs alone: the dispatch plan
+    in 16-row tiles (``plan.with_block_m`` re-tiles it, a launch to keep out of a timing) and
+    ``{name: (swiglu, N, K, flops, run)}``, where ``run(plan, config)`` launches ``gate_up``
+    (gathered, SwiGLU) or ``down`` (row-scaled, scattered to pair order) into a buffer of its
+    own and returns it."""
+    H, D, S = shape.H, shape.D, shape.S
+    plan = build_dispatch_plan(expert_ids, shape.E, num_shared_experts=S, block_m=16, check_ids=False)
+    weights_by_pair = pair_weights(expert_weights, S).view(-1)
+    hidden = grouped_matmul(x, weights.gate_up, plan, gather=True, swiglu=True)
+    pair_out = torch.empty(plan.num_pairs, H, device=x.device, dtype=x.dtype)
+    return plan, {
+        "gate_up": (True, 2 * D, H, shape.expert_flops * 2 // 3,
+                    lambda p, c: grouped_matmul(x, weights.gate_up, p, gather=True, swiglu=True, config=c, out=hidden)),
+        "down": (False, H, D, shape.expert_flops // 3,
+                 lambda p, c: grouped_matmul(hidden, weights.down, p, row_scale=weights_by_pair, scatter=True, config=c,
+                                             out=pair_out)),
+    }  # fmt: skip
+
+
 def time_shape(shape: Shape, x, weights: MoEWeights, expert_ids, expert_weights, peak: float) -> dict:
     E, S, T, H, D = shape.E, shape.S, shape.T, shape.H, shape.D
     args = (x, expert_ids, expert_weights, weights.gate_up, weights.down, E)
@@ -243,23 +263,18 @@ def time_shape(shape: Shape, x, weights: MoEWeights, expert_ids, expert_weights,
         experts = experts_triton if backend == "triton" else experts_torch
         return experts(x, routing.expert_ids, routing.expert_weights, weights.gate_up, weights.down, E)
 
-    plan = build_dispatch_plan(expert_ids, E, num_shared_experts=S, block_m=gate_up_config.block_m, check_ids=False)
-    pair_weights = torch.cat([expert_weights.float(), torch.ones(T, S, device=x.device)], dim=1).reshape(-1)
-    hidden = grouped_matmul(x, weights.gate_up, plan, gather=True, swiglu=True, config=gate_up_config)
-    down_plan = plan.with_block_m(down_config.block_m)
-    pair_out = grouped_matmul(hidden, weights.down, down_plan, row_scale=pair_weights, scatter=True, config=down_config)
+    plan, gemms = forward_gemms(shape, x, weights, expert_ids, expert_weights)
+    run_gate_up, run_down = gemms["gate_up"][4], gemms["down"][4]
+    gate_up_plan, down_plan = plan.with_block_m(gate_up_config.block_m), plan.with_block_m(down_config.block_m)
+    pair_out = run_down(down_plan, down_config)
     timings = {
         "triton_ms": lambda: experts_triton(*args, check_ids=False),
         "torch_ms": lambda: experts_torch(*args),
         "plan_ms": lambda: build_dispatch_plan(
             expert_ids, E, num_shared_experts=S, block_m=gate_up_config.block_m, check_ids=False
         ),
-        "gate_up_gemm_ms": lambda: grouped_matmul(
-            x, weights.gate_up, plan, gather=True, swiglu=True, config=gate_up_config, out=hidden
-        ),
-        "down_gemm_ms": lambda: grouped_matmul(
-            hidden, weights.down, down_plan, row_scale=pair_weights, scatter=True, config=down_config, out=pair_out
-        ),
+        "gate_up_gemm_ms": lambda: run_gate_up(gate_up_plan, gate_up_config),
+        "down_gemm_ms": lambda: run_down(down_plan, down_config),
         "combine_ms": lambda: combine_pairs(pair_out.view(T, top_k, H)),
         "forward_triton_ms": lambda: forward("triton"),
         "forward_torch_ms": lambda: forward("torch"),
@@ -292,7 +307,7 @@ def time_shape(shape: Shape, x, weights: MoEWeights, expert_ids, expert_weights,
     for name in ("gate_up_gemm", "down_gemm"):
         ms, flops = row.get(f"{name}_ms"), shape.expert_flops * (2 if name == "gate_up_gemm" else 1) // 3
         row[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12 if ms else None
-    del hidden, pair_out
+    del gemms, pair_out
     return row
 
 
@@ -322,25 +337,12 @@ def candidates(rows_per_expert: float, swiglu: bool, smoke: bool) -> list[Groupe
 
 
 def sweep_shape(shape: Shape, x, weights: MoEWeights, expert_ids, expert_weights, smoke: bool) -> dict:
-    E, S, T, H, D = shape.E, shape.S, shape.T, shape.H, shape.D
+    E, S, T = shape.E, shape.S, shape.T
     top_k = shape.k + S
     rows_per_expert = T * top_k / (E + S)
-    base_plan = build_dispatch_plan(expert_ids, E, num_shared_experts=S, block_m=16, check_ids=False)
-    pair_weights = torch.cat([expert_weights.float(), torch.ones(T, S, device=x.device)], dim=1).reshape(-1)
-    hidden = grouped_matmul(x, weights.gate_up, base_plan, gather=True, swiglu=True)
-    pair_out = torch.empty(T * top_k, H, device=x.device, dtype=x.dtype)
-    gemms = {
-        "gate_up": (True, shape.expert_flops * 2 // 3,
-                    lambda plan, c: grouped_matmul(x, weights.gate_up, plan, gather=True, swiglu=True, config=c,
-                                                   out=hidden)),
-        "down": (False, shape.expert_flops // 3,
-                 lambda plan, c: grouped_matmul(hidden, weights.down, plan, row_scale=pair_weights, scatter=True,
-                                                config=c, out=pair_out)),
-    }  # fmt: skip
-    widths = {"gate_up": (2 * D, H), "down": (H, D)}  # (N, K)
+    base_plan, gemms = forward_gemms(shape, x, weights, expert_ids, expert_weights)
     result: dict = {"shape": shape.name, "dtype": dtype_name(shape.dtype)}
-    for gemm, (swiglu, flops, run) in gemms.items():
-        N, K = widths[gemm]
+    for gemm, (swiglu, N, K, flops, run) in gemms.items():
         heuristic = heuristic_config(math.ceil(rows_per_expert), N, K, shape.dtype, swiglu=swiglu)
         listed = candidates(rows_per_expert, swiglu, smoke)
         entries = []
@@ -366,7 +368,6 @@ def sweep_shape(shape: Shape, x, weights: MoEWeights, expert_ids, expert_weights
                        down_config=GroupedMatmulConfig(**best_down["config"]))  # fmt: skip
         result["tuned_triton_ms"] = time_ms(lambda: experts_triton(*args, **configs, check_ids=False))
         result["tuned_triton_tflops"] = shape.expert_flops / (result["tuned_triton_ms"] * 1e-3) / 1e12
-    del hidden, pair_out
     return result
 
 
