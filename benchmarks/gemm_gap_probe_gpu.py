@@ -1,27 +1,26 @@
-"""Probe: where do the forward's grouped GEMMs lose against cuBLAS?
+"""Probe: where do the grouped GEMMs lose against cuBLAS, and does the persistent mode help?
 
-The grouped GEMMs run at 520-575 TFLOP/s where a dense cuBLAS product of the same size runs at
-720-770. This times, on the same inputs and in interleaved rounds, variants that each remove
-one ingredient of the library's kernel, to see which ingredient costs what:
+The first run (``benchmarks/results/gemm-gap-probe-h100-2026-11-25-cfa6961/``, that commit's
+version of this script) timed variants that each removed one ingredient of the kernel:
 
-gate|up (SwiGLU) GEMM
-  ``library``          the library's kernel: gathered rows, two dots (gate, up) per K step.
-  ``library_sorted``   the same on rows gathered beforehand (TMA loads of the input).
-  ``plain_2d``         the library's plain GEMM on the packed [K, 2D] weight: one 128x256 dot,
-                       no SwiGLU, 2D output columns (what the two dots cost against one).
-  ``one_dot_concat``   probe kernel: gate and up column blocks loaded as one [BK, 2BN] tile,
-                       one dot, accumulator split into halves for SwiGLU.
-  ``one_dot_inter8``   the same, gate and up alternating every 8 columns of the tile, so a
-                       thread's accumulator holds matching gate and up values.
-  ``cublas``           dense ``[P, H] @ [H, 2D]`` (the ceiling).
-down GEMM
-  ``library``          row-scaled, scattered to pair order.
-  ``library_plain``    no scale, no scatter (sorted order out).
-  ``persistent``       probe kernel: one program per SM walking tiles, input through TMA,
-                       weights through pointers, loops flattened so a tile's epilogue
-                       overlaps the next tile's loads.
-  ``persistent_wtma``  the same with the weights through device-built TMA descriptors.
-  ``cublas``           dense ``[P, D] @ [D, H]``.
+* gathering input rows costs nothing measurable: the same GEMM on rows gathered beforehand
+  through TMA was 6-11% *slower*;
+* one ``[BK, 2BN]`` gate|up weight tile and one dot instead of two dots (the accumulator
+  split for SwiGLU afterwards) ran 10-12x slower: Triton 3.6 spills the split;
+* a persistent down GEMM with the weights through device-built TMA descriptors and flattened
+  loops was 7-10% faster than the library's kernel (and 3.5x slower with pointer loads of the
+  weights, which the flattened loop does not pipeline).
+
+That persistent mode is now ``GroupedMatmulConfig.persistent``. This run times every grouped
+GEMM of the forward and the training step with the heuristic's config, persistent off and on,
+in interleaved rounds, beside cuBLAS on a dense product of the same size:
+
+  ``gate_up``     forward, gathered tokens, SwiGLU epilogue.
+  ``down``        forward, sorted rows (TMA), row-scaled, scattered to pair order.
+  ``train_pre``   training forward: gathered tokens, no epilogue (pre-activations kept).
+  ``train_g``     backward: gathered output gradient times the transposed down weight.
+  ``train_dx``    backward: sorted pre-activation gradient times a band of the transposed
+                  gate|up weight, scattered to pair order.
 
     PYTHONPATH=src python3 benchmarks/gemm_gap_probe_gpu.py --out $OUT
 """
@@ -29,203 +28,68 @@ down GEMM
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import statistics
 import sys
 
 import torch
-import triton
-import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from _common import git_commit, pick_device, rel_l2, report_path, time_ms, write_report
-from moe_forward_gpu import forward_gemms, load_shapes, make_inputs
-from moeflux.ops.grouped_matmul import GroupedMatmulConfig, WeightTable, grouped_matmul, heuristic_config
+from moe_forward_gpu import load_shapes, make_inputs
+from moeflux.ops.dispatch import build_dispatch_plan
+from moeflux.ops.experts.autograd import _column_bands
 from moeflux.ops.experts.triton import pair_weights
+from moeflux.ops.grouped_matmul import grouped_matmul, heuristic_config
 
-ROUNDS = 3
-
-
-@triton.jit
-def _tile_of(pid, max_tiles, N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    size = tl.minimum(max_tiles - first_m, GROUP_M)
-    return first_m + (pid % per_group) % size, (pid % per_group) // size
+ROUNDS = 5
 
 
-@triton.jit
-def _swiglu_one_dot_kernel(
-    x_ptr, w_addresses_ptr, w_up_addresses_ptr, w_leading_strides_ptr, out_ptr, sorted_to_pair_ptr,
-    expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr, N, K, max_tiles, top_k,
-    stride_x_m, stride_out_m, INTERLEAVE: tl.constexpr, W_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    i_m, i_n = _tile_of(tl.program_id(0), max_tiles, N, BLOCK_N, GROUP_M)
-    if i_m >= tl.load(num_tiles_ptr):
-        return
-    i_e = tl.load(tile_expert_ptr + i_m)
-    row_start = tl.load(tile_row_start_ptr + i_m)
-    row_end = tl.minimum(row_start + BLOCK_M, tl.load(expert_offsets_ptr + i_e + 1))
-    o_r = row_start + tl.arange(0, BLOCK_M)
-    m_r = o_r < row_end
-    o_r = tl.where(m_r, o_r, row_start)
-    o_x = tl.load(sorted_to_pair_ptr + o_r) // top_k
-    o_k = tl.arange(0, BLOCK_K)
-    p_x = x_ptr + o_x[:, None].to(tl.int64) * stride_x_m + o_k[None, :]
-    dtype = out_ptr.dtype.element_ty
-    w_address = tl.load(w_addresses_ptr + i_e)
-    p_w_e = tl.multiple_of(w_address.to(tl.pointer_type(dtype)), W_ALIGN)
-    stride_w_k = tl.multiple_of(tl.load(w_leading_strides_ptr + i_e), W_ALIGN // 2)
-    w_up_offset = tl.multiple_of((tl.load(w_up_addresses_ptr + i_e) - w_address) // 2, W_ALIGN // 2)
-    c = tl.arange(0, 2 * BLOCK_N)
-    if INTERLEAVE:
-        half = (c // 8) % 2
-        col = (c // 16) * 8 + c % 8
-    else:
-        half = c // BLOCK_N
-        col = c % BLOCK_N
-    o_w_n = (i_n * BLOCK_N + col) % N
-    p_w = p_w_e + o_k[:, None] * stride_w_k + (o_w_n + half * w_up_offset)[None, :]
-    acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
-    for _ in range(0, K, BLOCK_K):
-        acc = tl.dot(tl.load(p_x), tl.load(p_w), acc)
-        p_x += BLOCK_K
-        p_w += BLOCK_K * stride_w_k
-    if INTERLEAVE:
-        pairs = tl.reshape(tl.permute(tl.reshape(acc, [BLOCK_M, BLOCK_N // 8, 2, 8]), [0, 1, 3, 2]),
-                           [BLOCK_M, BLOCK_N, 2])  # fmt: skip
-    else:
-        pairs = tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), [0, 2, 1])
-    gate, up = tl.split(pairs)
-    hidden = gate * tl.sigmoid(gate) * up
-    o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    p_out = out_ptr + o_r[:, None].to(tl.int64) * stride_out_m + o_n[None, :]
-    tl.store(p_out, hidden.to(dtype), mask=m_r[:, None] & (o_n < N)[None, :])
-
-
-@triton.jit
-def _persistent_down_kernel(
-    x_desc, w_addresses_ptr, w_leading_strides_ptr, out_ptr, row_scale_ptr, sorted_to_pair_ptr,
-    expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr, num_tiles_ptr, N, K, stride_out_m,
-    W_TMA: tl.constexpr, NUM_SMS: tl.constexpr, W_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    num_m = tl.load(num_tiles_ptr)
-    num_n = tl.cdiv(N, BLOCK_N)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    dtype = out_ptr.dtype.element_ty
-    o_k = tl.arange(0, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), num_m * num_n, NUM_SMS, flatten=True):
-        i_m, i_n = _tile_of(tile, num_m, N, BLOCK_N, GROUP_M)
-        i_e = tl.load(tile_expert_ptr + i_m)
-        row_start = tl.load(tile_row_start_ptr + i_m)
-        row_end = tl.minimum(row_start + BLOCK_M, tl.load(expert_offsets_ptr + i_e + 1))
-        w_address = tl.load(w_addresses_ptr + i_e)
-        p_w_e = tl.multiple_of(w_address.to(tl.pointer_type(dtype)), W_ALIGN)
-        stride_w_k = tl.multiple_of(tl.load(w_leading_strides_ptr + i_e), W_ALIGN // 2)
-        o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        if W_TMA:
-            w_desc = tl.make_tensor_descriptor(p_w_e, [K, N], [stride_w_k, 1], [BLOCK_K, BLOCK_N])
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for ki in range(k_tiles):
-            b_x = x_desc.load([row_start, ki * BLOCK_K])
-            if W_TMA:
-                b_w = w_desc.load([ki * BLOCK_K, i_n * BLOCK_N])
-            else:
-                b_w = tl.load(p_w_e + (ki * BLOCK_K + o_k)[:, None] * stride_w_k + (o_n % N)[None, :])
-            acc = tl.dot(b_x, b_w, acc)
-        o_r = row_start + tl.arange(0, BLOCK_M)
-        m_r = o_r < row_end
-        o_r = tl.where(m_r, o_r, row_start)
-        o_pair = tl.load(sorted_to_pair_ptr + o_r)
-        acc = acc * tl.load(row_scale_ptr + o_pair)[:, None]
-        p_out = out_ptr + o_pair[:, None].to(tl.int64) * stride_out_m + o_n[None, :]
-        tl.store(p_out, acc.to(dtype), mask=m_r[:, None] & (o_n < N)[None, :])
-
-
-def gate_up_variants(shape, x, weights, plan, config: GroupedMatmulConfig):
-    """``{name: (flops_N, run)}``: each ``run()`` returns the SwiGLU hidden ``[P, D]`` (or the
-    ``[P, 2D]`` pre-activation for ``plain_2d``/``cublas``) in sorted order."""
-    D, P = shape.D, plan.num_pairs
-    tiled = plan.with_block_m(config.block_m)
-    table = WeightTable.from_stacked(weights.gate_up, swiglu=True)
-    x_sorted = x[(plan.sorted_to_pair // plan.top_k).long()]
-    hidden = torch.empty(P, D, device=x.device, dtype=x.dtype)
+def gemms(shape, x, weights, expert_ids, expert_weights):
+    """``{name: (swiglu, N, K, run, dense)}``: ``run(plan, config)`` launches the GEMM into a
+    buffer of its own; ``dense()`` is cuBLAS on a dense product of the same size."""
+    H, D, S = shape.H, shape.D, shape.S
+    plan = build_dispatch_plan(expert_ids, shape.E, num_shared_experts=S, block_m=16, check_ids=False)
+    P = plan.num_pairs
+    scale = pair_weights(expert_weights, S).view(-1)
+    hidden = torch.randn(P, D, device=x.device, dtype=x.dtype)
     pre = torch.empty(P, 2 * D, device=x.device, dtype=x.dtype)
-    plain = GroupedMatmulConfig(config.block_m, 256, config.block_k, config.group_m, 8, 3)
-    dense_w = weights.gate_up[0]
-
-    def one_dot(interleave: bool):
-        grid = (tiled.max_tiles * triton.cdiv(D, config.block_n),)
-
-        def run():
-            _swiglu_one_dot_kernel[grid](
-                x, table.addresses[0], table.addresses[1], table.leading_strides, hidden, tiled.sorted_to_pair,
-                tiled.expert_offsets, tiled.tile_expert, tiled.tile_row_start, tiled.num_tiles, D, shape.H,
-                tiled.max_tiles, tiled.top_k, x.stride(0), hidden.stride(0), interleave, table.align,
-                config.block_m, config.block_n, config.block_k, config.group_m,
-                num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
-            return hidden
-
-        return run
-
-    return {
-        "library": lambda: grouped_matmul(x, weights.gate_up, tiled, gather=True, swiglu=True, config=config,
-                                          out=hidden),
-        "library_sorted": lambda: grouped_matmul(x_sorted, weights.gate_up, tiled, swiglu=True, config=config,
-                                                 out=hidden),
-        "plain_2d": lambda: grouped_matmul(x, weights.gate_up, tiled.with_block_m(plain.block_m), gather=True,
-                                           config=plain, out=pre),
-        "one_dot_concat": one_dot(False),
-        "one_dot_inter8": one_dot(True),
-        "cublas": lambda: torch.mm(x_sorted, dense_w, out=pre),
-        "gather_rows": lambda: torch.index_select(x, 0, (plan.sorted_to_pair // plan.top_k).long(), out=x_sorted),
-    }  # fmt: skip
-
-
-def down_variants(shape, hidden, weights, plan, expert_weights, config: GroupedMatmulConfig):
-    H, P = shape.H, plan.num_pairs
-    tiled = plan.with_block_m(config.block_m)
-    table = WeightTable.from_stacked(weights.down)
-    scale = pair_weights(expert_weights, shape.S).view(-1)
-    out = torch.empty(P, H, device=hidden.device, dtype=hidden.dtype)
-    sms = torch.cuda.get_device_properties(hidden.device).multi_processor_count if hidden.is_cuda else 4
-    x_desc = TensorDescriptor(hidden, list(hidden.shape), list(hidden.stride()), [config.block_m, config.block_k])
-    dense_w = weights.down[0]
-
-    def persistent(w_tma: bool):
-        def run():
-            _persistent_down_kernel[(sms,)](
-                x_desc, table.addresses[0], table.leading_strides, out, scale, tiled.sorted_to_pair,
-                tiled.expert_offsets, tiled.tile_expert, tiled.tile_row_start, tiled.num_tiles, H, shape.D,
-                out.stride(0), w_tma, sms, table.align, config.block_m, config.block_n, config.block_k,
-                config.group_m, num_warps=config.num_warps, num_stages=config.num_stages)  # fmt: skip
-            return out
-
-        return run
-
-    return {
-        "library": lambda: grouped_matmul(hidden, weights.down, tiled, row_scale=scale, scatter=True, config=config,
-                                          out=out),
-        "library_plain": lambda: grouped_matmul(hidden, weights.down, tiled, config=config, out=out),
-        "persistent": persistent(False),
-        "persistent_wtma": persistent(True),
-        "cublas": lambda: torch.mm(hidden, dense_w, out=out),
+    d_pre = torch.randn(P, 2 * D, device=x.device, dtype=x.dtype)
+    g = torch.empty(P, D, device=x.device, dtype=x.dtype)
+    d_out = torch.randn(shape.T, H, device=x.device, dtype=x.dtype)
+    pair_out = torch.empty(P, H, device=x.device, dtype=x.dtype)
+    first, last = _column_bands(H, D)[0]
+    band = last - first
+    dx_pairs = torch.empty(P, band, device=x.device, dtype=x.dtype)
+    down_t, gate_up_t = weights.down.transpose(1, 2), weights.gate_up[:, first:last].transpose(1, 2)
+    a_h, a_d, a_2d = (torch.randn(P, n, device=x.device, dtype=x.dtype) for n in (H, D, 2 * D))
+    return plan, {
+        "gate_up": (True, D, H, lambda p, c: grouped_matmul(x, weights.gate_up, p, gather=True, swiglu=True,
+                                                            config=c, out=hidden),
+                    lambda: torch.mm(a_h, weights.gate_up[0])),
+        "down": (False, H, D, lambda p, c: grouped_matmul(hidden, weights.down, p, row_scale=scale, scatter=True,
+                                                          config=c, out=pair_out),
+                 lambda: torch.mm(a_d, weights.down[0])),
+        "train_pre": (False, 2 * D, H, lambda p, c: grouped_matmul(x, weights.gate_up, p, gather=True, config=c,
+                                                                   out=pre),
+                      lambda: torch.mm(a_h, weights.gate_up[0])),
+        "train_g": (False, D, H, lambda p, c: grouped_matmul(d_out, down_t, p, gather=True, config=c, out=g),
+                    lambda: torch.mm(a_h, down_t[0])),
+        "train_dx": (False, band, 2 * D, lambda p, c: grouped_matmul(d_pre, gate_up_t, p, scatter=True, config=c,
+                                                                     out=dx_pairs),
+                     lambda: torch.mm(a_2d, gate_up_t[0])),
     }  # fmt: skip
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".")
-    parser.add_argument("--shapes", default="competition-1,mixtral-8x7b-prefill,qwen3-30b-a3b-prefill")
+    parser.add_argument("--shapes", default="competition,mixtral-8x7b-prefill,qwen3-30b-a3b-prefill,deepseek-v3-slice-prefill")
     args = parser.parse_args()
     picked = pick_device(False)
     if picked is None:
         return 2
     device, gpu = picked
-    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
     wanted = args.shapes.split(",")
     rows = []
     for shape in load_shapes(False):
@@ -233,59 +97,42 @@ def main() -> int:
             continue
         x, weights, expert_ids, expert_weights = make_inputs(shape, device)
         rows_per_expert = -(-shape.T * (shape.k + shape.S) // (shape.E + shape.S))
-        plan, gemms = forward_gemms(shape, x, weights, expert_ids, expert_weights)
-        for gemm in ("gate_up", "down"):
-            swiglu, N, K, flops, _ = gemms[gemm]
-            config = heuristic_config(rows_per_expert, N, K, shape.dtype, swiglu=swiglu)
-            if gemm == "gate_up":
-                variants = gate_up_variants(shape, x, weights, plan, config)
-                reference = variants["library"]().clone()
-            else:
-                hidden = reference_hidden
-                variants = down_variants(shape, hidden, weights, plan, expert_weights, config)
-                reference = variants["library"]().clone()
-            times: dict[str, list[float]] = {name: [] for name in variants}
-            errors: dict[str, float | str] = {}
-            for name, run in variants.items():
-                try:
-                    result = run()
-                    torch.cuda.synchronize()
-                    if name in ("library", "library_sorted", "one_dot_concat", "one_dot_inter8", "persistent",
-                                "persistent_wtma"):  # fmt: skip
-                        result = result.clone()
-                        errors[name] = rel_l2(result, reference)
-                except Exception as error:  # noqa: BLE001 - a probe reports what fails to compile
-                    errors[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
-                    times.pop(name)
+        plan, runs = gemms(shape, x, weights, expert_ids, expert_weights)
+        for name, (swiglu, N, K, run, dense) in runs.items():
+            base = heuristic_config(rows_per_expert, N * (2 if swiglu else 1), K, shape.dtype, swiglu=swiglu)
+            configs = {"nested": dataclasses.replace(base, persistent=False),
+                       "persistent": dataclasses.replace(base, persistent=True)}  # fmt: skip
+            tiled = plan.with_block_m(base.block_m)
+            reference = run(tiled, configs["nested"]).clone()
+            result = run(tiled, configs["persistent"])
+            error = rel_l2(result, reference)
+            flops = 2 * plan.num_pairs * N * K * (2 if swiglu else 1)
+            times: dict[str, list[float]] = {"nested": [], "persistent": [], "cublas": []}
             for _ in range(ROUNDS):
-                for name in times:
-                    times[name].append(time_ms(variants[name], quick=True))
-            for name, series in times.items():
-                ms = statistics.median(series)
-                n_flops = 0 if name == "gather_rows" else flops
-                rows.append({"shape": shape.name, "gemm": gemm, "variant": name, "ms": ms, "all_ms": series,
-                             "tflops": n_flops / ms / 1e9, "rel_l2_vs_library": errors.get(name)})  # fmt: skip
-                print(f"{shape.name:30s} {gemm:8s} {name:16s} {ms:7.3f} ms {n_flops / ms / 1e9:6.0f} TFLOP/s "
-                      f"err {errors.get(name)}", flush=True)  # fmt: skip
-            for name, error in errors.items():
-                if isinstance(error, str):
-                    rows.append({"shape": shape.name, "gemm": gemm, "variant": name, "error": error})
-                    print(f"{shape.name:30s} {gemm:8s} {name:16s} {error}", flush=True)
-            if gemm == "gate_up":
-                reference_hidden = reference
-            del variants
-        del x, weights, gemms, plan
+                for variant in configs:
+                    times[variant].append(time_ms(lambda: run(tiled, configs[variant]), quick=True))
+                times["cublas"].append(time_ms(dense, quick=True))
+            medians = {v: statistics.median(t) for v, t in times.items()}
+            row = {"shape": shape.name, "gemm": name, "config": dataclasses.asdict(base), "median_ms": medians,
+                   "all_ms": times, "tflops": {v: flops / m / 1e9 for v, m in medians.items()},
+                   "persistent_over_nested": medians["persistent"] / medians["nested"],
+                   "rel_l2_persistent_vs_nested": error}  # fmt: skip
+            rows.append(row)
+            print(f"{shape.name:32s} {name:10s} " + "  ".join(
+                f"{v} {m:.3f} ms ({flops / m / 1e9:.0f})" for v, m in medians.items())
+                + f"  ratio {row['persistent_over_nested']:.3f} err {error:.1e}", flush=True)  # fmt: skip
+        del x, weights, runs, plan
         torch.cuda.empty_cache()
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    lines = [f"GEMM gap probe on {gpu}, {date}, commit {git_commit()}: median of {ROUNDS} interleaved rounds",
-             "", "| shape | GEMM | variant | ms | TFLOP/s | rel-L2 vs library |", "|---|---|---|---|---|---|"]
+    lines = [f"persistent-mode probe on {gpu}, {date}, commit {git_commit()}: median ms (TFLOP/s) of {ROUNDS} "
+             "interleaved rounds, heuristic config", "",
+             "| shape | GEMM | nested | persistent | persistent / nested | cuBLAS dense | rel-L2 |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
-        if "error" in row:
-            lines.append(f"| {row['shape']} | {row['gemm']} | {row['variant']} | {row['error']} | | |")
-        else:
-            err = row["rel_l2_vs_library"]
-            lines.append(f"| {row['shape']} | {row['gemm']} | {row['variant']} | {row['ms']:.3f} | {row['tflops']:.0f} | "
-                         f"{'' if err is None else f'{err:.1e}'} |")  # fmt: skip
+        m, t = row["median_ms"], row["tflops"]
+        lines.append(f"| {row['shape']} | {row['gemm']} | {m['nested']:.3f} ({t['nested']:.0f}) | "
+                     f"{m['persistent']:.3f} ({t['persistent']:.0f}) | {row['persistent_over_nested']:.3f} | "
+                     f"{m['cublas']:.3f} ({t['cublas']:.0f}) | {row['rel_l2_persistent_vs_nested']:.1e} |")  # fmt: skip
     write_report(report_path(args.out, "gemm_gap_probe_gpu.json"), {"gpu": gpu, "date": date,
                  "git_commit": git_commit(), "rows": rows}, "\n".join(lines) + "\n")  # fmt: skip
     return 0

@@ -48,6 +48,10 @@ class GroupedMatmulConfig:
             of ``W[e]`` and the group's input rows stay in L2.
         num_warps: warps per program.
         num_stages: software-pipeline depth of the K loop.
+        persistent: one program per multiprocessor walks the tiles, and the weights come in
+            through TMA descriptors built on the device; without a gather the loops are
+            flattened, so a tile's epilogue overlaps the next tile's first loads. Used where
+            the weights are 16-byte aligned and the GPU has TMA (Hopper and later).
     """
 
     block_m: int = 64
@@ -56,6 +60,7 @@ class GroupedMatmulConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    persistent: bool = False
 
 
 @dataclass(frozen=True, eq=False)
