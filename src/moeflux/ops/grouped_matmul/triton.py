@@ -175,8 +175,10 @@ def _grouped_matmul_tile(
 def _load_weight_tile(w_desc, k_start, n_start, W_COLUMN_MAJOR: tl.constexpr):
     """The ``[BLOCK_K, BLOCK_N]`` weight tile at ``(k_start, n_start)`` through a descriptor."""
     if W_COLUMN_MAJOR:
-        return w_desc.load([n_start, k_start]).T
-    return w_desc.load([k_start, n_start])
+        b_w = w_desc.load([n_start, k_start]).T
+    else:
+        b_w = w_desc.load([k_start, n_start])
+    return b_w
 
 
 @triton.jit
