@@ -48,10 +48,12 @@ class GroupedMatmulConfig:
             of ``W[e]`` and the group's input rows stay in L2.
         num_warps: warps per program.
         num_stages: software-pipeline depth of the K loop.
-        persistent: one program per multiprocessor walks the tiles, and the weights come in
-            through TMA descriptors built on the device; without a gather the loops are
-            flattened, so a tile's epilogue overlaps the next tile's first loads. Used where
-            the weights are 16-byte aligned and the GPU has TMA (Hopper and later).
+        weight_tma: load the weight tiles through TMA descriptors built on the device (where
+            the weights are 16-byte aligned and the GPU has TMA, Hopper and later) instead of
+            per-thread pointers.
+        persistent: one program per multiprocessor walks the tiles. With every load through
+            TMA (``weight_tma``, and an input in sorted order) the tile and K loops are
+            flattened, so a tile's epilogue overlaps the next tile's first loads.
     """
 
     block_m: int = 64
@@ -60,6 +62,7 @@ class GroupedMatmulConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    weight_tma: bool = False
     persistent: bool = False
 
 

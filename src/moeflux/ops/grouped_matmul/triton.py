@@ -81,16 +81,11 @@ def _grouped_matmul_tile(
     """Output tile ``(i_m, i_n)``: row tile ``i_m`` of the schedule times column tile ``i_n``."""
     i_e = tl.load(tile_expert_ptr + i_m)
     row_start = tl.load(tile_row_start_ptr + i_m)
-    row_end = tl.minimum(row_start + BLOCK_M, tl.load(expert_offsets_ptr + i_e + 1))
-    o_r = row_start + tl.arange(0, BLOCK_M)  # [BLOCK_M] sorted rows
-    m_r = o_r < row_end
-    o_r = tl.where(m_r, o_r, row_start)  # rows past the tile's end re-read its first row
-    if GATHER or SCALE or SCATTER:
-        o_pair = tl.load(sorted_to_pair_ptr + o_r)  # [BLOCK_M]
     if GATHER:
+        o_r, m_r, o_pair = _tile_rows(row_start, i_e, expert_offsets_ptr, sorted_to_pair_ptr, True, BLOCK_M)
         o_x = o_pair // top_k
-    else:
-        o_x = o_r
+    elif not X_TMA:  # (the copy engine reads rows from row_start, zeros past the input's end)
+        o_x = _tile_rows(row_start, i_e, expert_offsets_ptr, sorted_to_pair_ptr, False, BLOCK_M)[0]
 
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     m_n = o_n < N
@@ -159,6 +154,10 @@ def _grouped_matmul_tile(
         if not W_TMA:
             p_w += BLOCK_K * stride_w_k
 
+    if not GATHER:
+        # Row indices only now, so they hold no registers through the K loop.
+        o_r, m_r, o_pair = _tile_rows(row_start, i_e, expert_offsets_ptr, sorted_to_pair_ptr, SCALE or SCATTER,
+                                      BLOCK_M)  # fmt: skip
     if SWIGLU:
         b_acc = b_acc * tl.sigmoid(b_acc) * b_acc_up  # silu(gate) * up, in fp32
     if SCALE:
@@ -169,6 +168,21 @@ def _grouped_matmul_tile(
         o_out = o_r
     p_out = out_ptr + o_out[:, None].to(tl.int64) * stride_out_m + o_n[None, :] * stride_out_n
     tl.store(p_out, b_acc.to(out_ptr.dtype.element_ty), mask=m_r[:, None] & m_n[None, :])
+
+
+@triton.jit
+def _tile_rows(row_start, i_e, expert_offsets_ptr, sorted_to_pair_ptr, LOAD_PAIRS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``(o_r, m_r, o_pair)``: a tile's sorted rows, which of them are its expert's, and their
+    pairs (``o_r`` itself unless ``LOAD_PAIRS``). Rows past the tile's end re-read its first row."""
+    row_end = tl.minimum(row_start + BLOCK_M, tl.load(expert_offsets_ptr + i_e + 1))
+    o_r = row_start + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    m_r = o_r < row_end
+    o_r = tl.where(m_r, o_r, row_start)
+    if LOAD_PAIRS:
+        o_pair = tl.load(sorted_to_pair_ptr + o_r)  # [BLOCK_M]
+    else:
+        o_pair = o_r
+    return o_r, m_r, o_pair
 
 
 @triton.jit
@@ -209,6 +223,7 @@ def _grouped_matmul_kernel(
     EVEN_K: tl.constexpr,
     W_COLUMN_MAJOR: tl.constexpr,
     X_TMA: tl.constexpr,
+    W_TMA: tl.constexpr,
     PERSISTENT: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
     W_ALIGN: tl.constexpr,
@@ -222,16 +237,17 @@ def _grouped_matmul_kernel(
     num_n_tiles = tl.cdiv(N, BLOCK_N)
     if PERSISTENT:
         # Flattening the tile and K loops lets the pipeliner start a tile's loads under the
-        # previous tile's epilogue; it pipelines only copy-engine loads there, so a gathered
-        # input (pointer loads) keeps the loops nested.
+        # previous tile's epilogue; it pipelines only copy-engine loads there, so pointer
+        # loads (a gathered input) keep the loops nested.
         num_m_tiles = tl.load(num_tiles_ptr)
-        for i_program in tl.range(tl.program_id(0), num_m_tiles * num_n_tiles, NUM_PROGRAMS, flatten=X_TMA):
+        for i_program in tl.range(tl.program_id(0), num_m_tiles * num_n_tiles, NUM_PROGRAMS,
+                                  flatten=X_TMA and W_TMA):  # fmt: skip
             i_m, i_n = _tile_coordinates(i_program, num_m_tiles, num_n_tiles, GROUP_M)
             _grouped_matmul_tile(
                 i_m, i_n, x_ptr, w_addresses_ptr, w_up_addresses_ptr, w_leading_strides_ptr, out_ptr, row_scale_ptr,
                 sorted_to_pair_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr, N, K, top_k,
                 stride_x_m, stride_x_k, stride_out_m, stride_out_n, GATHER, SWIGLU, SCALE, SCATTER, EVEN_K,
-                W_COLUMN_MAJOR, X_TMA, True, W_ALIGN, INPUT_PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
+                W_COLUMN_MAJOR, X_TMA, W_TMA, W_ALIGN, INPUT_PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
     else:
         # The grid covers the host-known bound max_tiles; programs past the real tile count exit.
@@ -241,7 +257,7 @@ def _grouped_matmul_kernel(
                 i_m, i_n, x_ptr, w_addresses_ptr, w_up_addresses_ptr, w_leading_strides_ptr, out_ptr, row_scale_ptr,
                 sorted_to_pair_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr, N, K, top_k,
                 stride_x_m, stride_x_k, stride_out_m, stride_out_n, GATHER, SWIGLU, SCALE, SCATTER, EVEN_K,
-                W_COLUMN_MAJOR, X_TMA, False, W_ALIGN, INPUT_PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
+                W_COLUMN_MAJOR, X_TMA, W_TMA, W_ALIGN, INPUT_PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
 
 
@@ -319,12 +335,10 @@ def grouped_matmul_triton(
     x_tma = _loads_input_by_tma(x, gather)
     x_operand = TensorDescriptor(x, list(x.shape), list(x.stride()), [config.block_m, config.block_k]) if x_tma else x
     num_tiles_bound = plan.max_tiles * triton.cdiv(N, config.block_n)
-    persistent = config.persistent and weight.align == 16 and _has_copy_engine(x.device)
-    if persistent:
-        num_programs = min(_multiprocessors(x.device), num_tiles_bound)
+    w_tma = config.weight_tma and weight.align == 16 and _has_copy_engine(x.device)
+    if w_tma:
         _ensure_descriptor_allocator()
-    else:
-        num_programs = num_tiles_bound
+    num_programs = min(_multiprocessors(x.device), num_tiles_bound) if config.persistent else num_tiles_bound
     # `weight` holds the tensors its addresses point into until the launch is queued; after
     # that the stream orders any reuse of their memory behind the kernel.
     _grouped_matmul_kernel[(num_programs,)](
@@ -333,7 +347,8 @@ def grouped_matmul_triton(
         N, K, plan.max_tiles, plan.top_k,
         x.stride(0), x.stride(1), out.stride(0), out.stride(1),
         GATHER=gather, SWIGLU=swiglu, SCALE=scale, SCATTER=scatter, EVEN_K=K % config.block_k == 0,
-        W_COLUMN_MAJOR=weight.column_major, X_TMA=x_tma, PERSISTENT=persistent, NUM_PROGRAMS=num_programs,
+        W_COLUMN_MAJOR=weight.column_major, X_TMA=x_tma, W_TMA=w_tma, PERSISTENT=config.persistent,
+        NUM_PROGRAMS=num_programs,
         W_ALIGN=weight.align, INPUT_PRECISION=_input_precision(x.dtype),
         DOT_IN_FP32=x.device.type == "cpu" and x.dtype == torch.bfloat16,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, GROUP_M=config.group_m,
