@@ -104,6 +104,36 @@ def test_strided_inputs_and_other_blocks():
     assert rel_l2(out, expected) < 1e-6
 
 
+# The weight-loading and tile-walking modes: weight tiles through TMA descriptors, and one
+# program per multiprocessor walking the tiles (four programs under the interpreter), with
+# flattened loops when the input is sorted too. Ragged K and N exercise the copy engine's
+# zero fill; the column-major weight, its transposed tiles.
+@pytest.mark.parametrize("weight_tma, persistent", [(True, False), (True, True), (False, True)])
+@pytest.mark.parametrize(
+    "gather, swiglu, scale, scatter, column_major",
+    [(True, True, False, False, False), (False, False, True, True, False), (True, False, False, False, True),
+     (False, False, False, True, True), (True, True, True, True, True)],
+)  # fmt: skip
+def test_weight_tma_and_persistent(weight_tma, persistent, gather, swiglu, scale, scatter, column_major):
+    plan, tokens, sorted_rows, weight, row_scale = make_problem(13, 2, 4, 1, 40, 24, torch.float32, swiglu=swiglu)
+    if column_major:
+        weight = weight.transpose(1, 2).contiguous().transpose(1, 2)
+    config = dataclasses.replace(SMALL, weight_tma=weight_tma, persistent=persistent)
+    out, expected = run_both(
+        tokens if gather else sorted_rows, weight, plan, config, gather=gather, swiglu=swiglu,
+        row_scale=row_scale if scale else None, scatter=scatter,
+    )  # fmt: skip
+    assert rel_l2(out, expected) < 1e-6
+
+
+def test_weight_tma_falls_back_on_unaligned_weights():
+    # fp16 rows of 20 elements are 40 bytes, not a multiple of the 16 that TMA needs: pointer loads.
+    plan, tokens, _, weight, _ = make_problem(13, 2, 4, 1, 48, 20, torch.float16, seed=6)
+    config = dataclasses.replace(SMALL, weight_tma=True, persistent=True)
+    out, expected = run_both(tokens, weight, plan, config, gather=True)
+    assert rel_l2(out, expected) < TOLERANCE[torch.float16]
+
+
 def separate_matrices(weight, *, swiglu, num_wide, column_major=False):
     """``weight``'s experts as separate tensors, as the competition passes them: each of the first
     ``E' - num_wide`` experts in tensors of its own, the last ``num_wide`` as blocks of one wider
@@ -236,6 +266,22 @@ def test_select_config_shapes():
     assert select_config(256, 1536, 2048, torch.float16, num_experts=128, swiglu=True).block_m == 16  # decode
 
 
+def test_select_config_loading_modes():
+    # 128-row plain GEMMs: TMA weights for a gathered input or column-major weights, a persistent
+    # walk when both operands come through TMA; SwiGLU and small tiles keep pointer loads.
+    def modes(swiglu=False, gather=False, column_major=False, rows=40960):
+        config = select_config(rows, 4096, 7168, torch.bfloat16, num_experts=33, swiglu=swiglu, gather=gather,
+                               column_major=column_major)  # fmt: skip
+        return config.weight_tma, config.persistent
+
+    assert modes() == (False, False)  # the down projection
+    assert modes(swiglu=True, gather=True) == (False, False)
+    assert modes(gather=True) == (True, False)
+    assert modes(gather=True, column_major=True) == (True, False)
+    assert modes(column_major=True) == (True, True)
+    assert modes(column_major=True, rows=2000) == (False, False)  # 64-row tiles
+
+
 def test_committed_config_tables_are_valid():
     # Every committed entry is a config the kernel accepts, under a key select_config can form.
     tables = grouped_matmul_module._tuned_tables()
@@ -269,6 +315,10 @@ def test_select_config_reads_the_gpus_table(monkeypatch):
                   (66_000 * 2, 4096, 7168, torch.bfloat16)]:  # fmt: skip
         config = select_config(*shape, num_experts=33, swiglu=True, device=cuda)
         assert config == select_config(*shape, num_experts=33, swiglu=True)
+    # The table holds forward GEMMs (row-major weights); column-major ones take the heuristic.
+    assert select_config(33_000, 4096, 7168, torch.bfloat16, num_experts=33, swiglu=True, column_major=True,
+                         device=cuda) == select_config(33_000, 4096, 7168, torch.bfloat16, num_experts=33,
+                                                       swiglu=True, column_major=True)  # fmt: skip
     monkeypatch.setattr(grouped_matmul_module, "_gpu_family", lambda device: None)  # a GPU without a table
     assert select_config(33_000, 4096, 7168, torch.bfloat16, num_experts=33, swiglu=True, device=cuda) == heuristic
 

@@ -57,11 +57,8 @@ from moeflux.ops.grouped_matmul.weight_grad import WeightGradConfig, grouped_wei
 
 def _gemm(x, weight, plan, config, *, gather=False, row_scale=None, scatter=False) -> torch.Tensor:
     """The one call site of :func:`grouped_matmul` here: ``config`` chosen by ``select_config``
-    when ``None``, no SwiGLU epilogue (the backward needs the pre-activations)."""
-    if config is None:
-        config = select_config(
-            plan.num_pairs, weight.shape[2], weight.shape[1], x.dtype, num_experts=plan.num_experts, device=x.device
-        )
+    (for this GEMM's layout) when ``None``, no SwiGLU epilogue (the backward needs the
+    pre-activations)."""
     return grouped_matmul(x, weight, plan, gather=gather, row_scale=row_scale, scatter=scatter, config=config)
 
 
@@ -187,7 +184,9 @@ class ExpertsFunction(torch.autograd.Function):
         D = down.shape[1]
         check_forward_memory(T, H, D, expert_ids.shape[1], num_routed, num_shared, x, training=True)
         # The plan is tiled for the first GEMM; the others re-tile it (a launch, not a sort).
-        first = gemm_config or select_config(T * top_k, 2 * D, H, x.dtype, num_experts=num_experts, device=x.device)
+        first = gemm_config or select_config(
+            T * top_k, 2 * D, H, x.dtype, num_experts=num_experts, gather=True, device=x.device
+        )
         plan = build_dispatch_plan(
             expert_ids, num_routed, num_shared_experts=num_shared, block_m=first.block_m, check_ids=check_ids
         )

@@ -147,7 +147,7 @@ def experts_triton_tables(
     check_forward_memory(T, H, D, expert_ids.shape[1], num_routed, num_shared, x, training=False)
     if gate_up_config is None:
         gate_up_config = select_config(
-            num_pairs, 2 * D, H, x.dtype, num_experts=num_experts, swiglu=True, device=x.device
+            num_pairs, 2 * D, H, x.dtype, num_experts=num_experts, swiglu=True, gather=True, device=x.device
         )
     if down_config is None:
         down_config = select_config(num_pairs, H, D, x.dtype, num_experts=num_experts, device=x.device)

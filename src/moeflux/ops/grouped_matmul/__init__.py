@@ -237,12 +237,16 @@ def select_config(
     *,
     num_experts: int = 1,
     swiglu: bool = False,
+    gather: bool = False,
+    column_major: bool = False,
     device: torch.device | None = None,
 ) -> GroupedMatmulConfig:
     """A launch config for ``M_total`` sorted rows over ``num_experts`` experts, ``W[e]`` of
-    ``[K, N]`` (``N`` counts both halves when ``swiglu``). Nothing is timed on the hot path:
+    ``[K, N]`` (``N`` counts both halves when ``swiglu``), input rows gathered from tokens or
+    not (``gather``), weights with unit stride along ``K`` or ``N`` (``column_major``). Nothing
+    is timed on the hot path:
 
-    1. On a CUDA ``device`` whose GPU has a committed table (``moeflux/data/gemm_configs.json``,
+    1. For row-major weights on a CUDA ``device`` whose GPU has a committed table (``moeflux/data/gemm_configs.json``,
        written by ``benchmarks/gemm_table.py`` from the sweeps of ``benchmarks/moe_forward_gpu.py``),
        the entry for this dtype, ``swiglu``, ``N``, ``K`` and rows per expert (rounded up to a
        power of two), if any: the table keeps only configs that beat the heuristic below by 3%
@@ -258,16 +262,22 @@ def select_config(
        * 8 warps once the fp32 accumulators reach ``128 x 128`` elements, else 4.
        * as many pipeline stages (2 .. 4) as fit in about 160 KiB of shared memory.
        * swizzle groups of 32 (SwiGLU) or 16 row tiles with 128-row tiles, else 8.
+       * plain GEMMs with 128-row tiles load the weights through TMA when the input is
+         gathered or the weights are column-major, and walk the tiles persistently when both
+         operands come through TMA (sorted input, column-major weights).
     """
     rows_per_expert = -(-M_total // max(num_experts, 1))
-    if device is not None and device.type == "cuda":
+    if device is not None and device.type == "cuda" and not column_major:  # the table holds forward GEMMs
         tuned = tuned_config(_gpu_family(device), dtype, swiglu, N, K, rows_per_expert)
         if tuned is not None:
             return tuned
-    return heuristic_config(rows_per_expert, N, K, dtype, swiglu=swiglu)
+    return heuristic_config(rows_per_expert, N, K, dtype, swiglu=swiglu, gather=gather, column_major=column_major)
 
 
-def heuristic_config(rows_per_expert: int, N: int, K: int, dtype: torch.dtype, *, swiglu: bool) -> GroupedMatmulConfig:
+def heuristic_config(
+    rows_per_expert: int, N: int, K: int, dtype: torch.dtype, *, swiglu: bool, gather: bool = False,
+    column_major: bool = False,
+) -> GroupedMatmulConfig:  # fmt: skip
     """:func:`select_config`'s rule for shapes the committed table does not list."""
     if rows_per_expert <= 16:
         block_m = 16
@@ -293,7 +303,15 @@ def heuristic_config(rows_per_expert: int, N: int, K: int, dtype: torch.dtype, *
     # competition, Mixtral and DeepSeek shapes and within 2% at Qwen3's
     # (benchmarks/results/group-probe-h100-2026-11-25-e9d7ea7).
     group_m = (32 if swiglu else 16) if block_m == 128 else 8
-    return GroupedMatmulConfig(block_m, block_n, block_k, group_m, num_warps, num_stages)
+    # Against pointer loads of the weights, on the H100 with 128-row plain GEMMs
+    # (benchmarks/results/gemm-gap-probe-h100-2026-11-25-07728d5): TMA weights are 4-12%
+    # faster with a gathered input or column-major weights, and a persistent walk adds
+    # 15-20% more where both operands come through TMA (the backward's d_x GEMM). Row-major
+    # weights over a sorted input (the down projection) and SwiGLU gain nothing from either.
+    plain_128 = block_m == 128 and not swiglu
+    weight_tma = plain_128 and (gather or column_major)
+    persistent = plain_128 and column_major and not gather
+    return GroupedMatmulConfig(block_m, block_n, block_k, group_m, num_warps, num_stages, weight_tma, persistent)
 
 
 def tuned_key(dtype: torch.dtype, swiglu: bool, N: int, K: int, rows_per_expert: int) -> str:
@@ -382,8 +400,9 @@ def grouped_matmul(
         if config is None:
             width = 2 * table.cols if swiglu else table.cols
             config = select_config(
-                plan.num_pairs, width, table.rows, x.dtype, num_experts=plan.num_experts, swiglu=swiglu, device=x.device
-            )
+                plan.num_pairs, width, table.rows, x.dtype, num_experts=plan.num_experts, swiglu=swiglu, gather=gather,
+                column_major=table.column_major, device=x.device,
+            )  # fmt: skip
         return grouped_matmul_triton(
             x, table, plan, gather=gather, swiglu=swiglu, row_scale=row_scale, scatter=scatter, config=config, out=out
         )

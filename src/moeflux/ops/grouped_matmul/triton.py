@@ -75,17 +75,22 @@ def _grouped_matmul_tile(
     stride_x_m, stride_x_k, stride_out_m, stride_out_n,
     GATHER: tl.constexpr, SWIGLU: tl.constexpr, SCALE: tl.constexpr, SCATTER: tl.constexpr,
     EVEN_K: tl.constexpr, W_COLUMN_MAJOR: tl.constexpr, X_TMA: tl.constexpr, W_TMA: tl.constexpr,
-    W_ALIGN: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+    PERSISTENT: tl.constexpr, W_ALIGN: tl.constexpr, INPUT_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """Output tile ``(i_m, i_n)``: row tile ``i_m`` of the schedule times column tile ``i_n``."""
     i_e = tl.load(tile_expert_ptr + i_m)
     row_start = tl.load(tile_row_start_ptr + i_m)
+    # A flattened persistent loop finds a tile's rows after its K loop, so they hold no
+    # registers through it; elsewhere before it, where the loop hides their load latency.
+    ROWS_AFTER_LOOP: tl.constexpr = X_TMA and W_TMA and PERSISTENT
+    if not ROWS_AFTER_LOOP:
+        o_r, m_r, o_pair = _tile_rows(row_start, i_e, expert_offsets_ptr, sorted_to_pair_ptr,
+                                      GATHER or SCALE or SCATTER, BLOCK_M)  # fmt: skip
     if GATHER:
-        o_r, m_r, o_pair = _tile_rows(row_start, i_e, expert_offsets_ptr, sorted_to_pair_ptr, True, BLOCK_M)
         o_x = o_pair // top_k
-    elif not X_TMA:  # (the copy engine reads rows from row_start, zeros past the input's end)
-        o_x = _tile_rows(row_start, i_e, expert_offsets_ptr, sorted_to_pair_ptr, False, BLOCK_M)[0]
+    elif not X_TMA:
+        o_x = o_r
 
     o_n = i_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
     m_n = o_n < N
@@ -154,8 +159,7 @@ def _grouped_matmul_tile(
         if not W_TMA:
             p_w += BLOCK_K * stride_w_k
 
-    if not GATHER:
-        # Row indices only now, so they hold no registers through the K loop.
+    if ROWS_AFTER_LOOP:
         o_r, m_r, o_pair = _tile_rows(row_start, i_e, expert_offsets_ptr, sorted_to_pair_ptr, SCALE or SCATTER,
                                       BLOCK_M)  # fmt: skip
     if SWIGLU:
@@ -247,7 +251,7 @@ def _grouped_matmul_kernel(
                 i_m, i_n, x_ptr, w_addresses_ptr, w_up_addresses_ptr, w_leading_strides_ptr, out_ptr, row_scale_ptr,
                 sorted_to_pair_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr, N, K, top_k,
                 stride_x_m, stride_x_k, stride_out_m, stride_out_n, GATHER, SWIGLU, SCALE, SCATTER, EVEN_K,
-                W_COLUMN_MAJOR, X_TMA, W_TMA, W_ALIGN, INPUT_PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
+                W_COLUMN_MAJOR, X_TMA, W_TMA, PERSISTENT, W_ALIGN, INPUT_PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
     else:
         # The grid covers the host-known bound max_tiles; programs past the real tile count exit.
@@ -257,7 +261,7 @@ def _grouped_matmul_kernel(
                 i_m, i_n, x_ptr, w_addresses_ptr, w_up_addresses_ptr, w_leading_strides_ptr, out_ptr, row_scale_ptr,
                 sorted_to_pair_ptr, expert_offsets_ptr, tile_expert_ptr, tile_row_start_ptr, N, K, top_k,
                 stride_x_m, stride_x_k, stride_out_m, stride_out_n, GATHER, SWIGLU, SCALE, SCATTER, EVEN_K,
-                W_COLUMN_MAJOR, X_TMA, W_TMA, W_ALIGN, INPUT_PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
+                W_COLUMN_MAJOR, X_TMA, W_TMA, PERSISTENT, W_ALIGN, INPUT_PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
             )  # fmt: skip
 
 
