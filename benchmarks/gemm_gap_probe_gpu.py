@@ -86,6 +86,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=".")
     parser.add_argument("--shapes", default="competition,mixtral-8x7b-prefill,qwen3-30b-a3b-prefill,deepseek-v3-slice-prefill")
+    parser.add_argument("--gemms", default="gate_up,down,train_pre,train_g,train_dx")
     args = parser.parse_args()
     picked = pick_device(False)
     if picked is None:
@@ -100,6 +101,8 @@ def main() -> int:
         rows_per_expert = -(-shape.T * (shape.k + shape.S) // (shape.E + shape.S))
         plan, runs = gemms(shape, x, weights, expert_ids, expert_weights)
         for name, (swiglu, N, K, run, dense) in runs.items():
+            if name not in args.gemms.split(","):
+                continue
             base = heuristic_config(rows_per_expert, N * (2 if swiglu else 1), K, shape.dtype, swiglu=swiglu)
             configs = {"nested": dataclasses.replace(base, weight_tma=False, persistent=False),
                        "weight_tma": dataclasses.replace(base, weight_tma=True, persistent=False),

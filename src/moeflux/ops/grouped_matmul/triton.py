@@ -81,12 +81,12 @@ def _grouped_matmul_tile(
     """Output tile ``(i_m, i_n)``: row tile ``i_m`` of the schedule times column tile ``i_n``."""
     i_e = tl.load(tile_expert_ptr + i_m)
     row_start = tl.load(tile_row_start_ptr + i_m)
-    # A flattened persistent loop finds a tile's rows after its K loop, so they hold no
-    # registers through it; elsewhere before it, where the loop hides their load latency.
+    row_end = tl.minimum(row_start + BLOCK_M, tl.load(expert_offsets_ptr + i_e + 1))
+    # A flattened persistent loop finds a tile's rows (and pairs) after its K loop, so they
+    # hold no registers through it; elsewhere before it, where the loop hides their latency.
     ROWS_AFTER_LOOP: tl.constexpr = X_TMA and W_TMA and PERSISTENT
     if not ROWS_AFTER_LOOP:
-        o_r, m_r, o_pair = _tile_rows(row_start, i_e, expert_offsets_ptr, sorted_to_pair_ptr,
-                                      GATHER or SCALE or SCATTER, BLOCK_M)  # fmt: skip
+        o_r, m_r, o_pair = _tile_rows(row_start, row_end, sorted_to_pair_ptr, GATHER or SCALE or SCATTER, BLOCK_M)
     if GATHER:
         o_x = o_pair // top_k
     elif not X_TMA:
@@ -160,8 +160,7 @@ def _grouped_matmul_tile(
             p_w += BLOCK_K * stride_w_k
 
     if ROWS_AFTER_LOOP:
-        o_r, m_r, o_pair = _tile_rows(row_start, i_e, expert_offsets_ptr, sorted_to_pair_ptr, SCALE or SCATTER,
-                                      BLOCK_M)  # fmt: skip
+        o_r, m_r, o_pair = _tile_rows(row_start, row_end, sorted_to_pair_ptr, SCALE or SCATTER, BLOCK_M)
     if SWIGLU:
         b_acc = b_acc * tl.sigmoid(b_acc) * b_acc_up  # silu(gate) * up, in fp32
     if SCALE:
@@ -175,10 +174,9 @@ def _grouped_matmul_tile(
 
 
 @triton.jit
-def _tile_rows(row_start, i_e, expert_offsets_ptr, sorted_to_pair_ptr, LOAD_PAIRS: tl.constexpr, BLOCK_M: tl.constexpr):
+def _tile_rows(row_start, row_end, sorted_to_pair_ptr, LOAD_PAIRS: tl.constexpr, BLOCK_M: tl.constexpr):
     """``(o_r, m_r, o_pair)``: a tile's sorted rows, which of them are its expert's, and their
     pairs (``o_r`` itself unless ``LOAD_PAIRS``). Rows past the tile's end re-read its first row."""
-    row_end = tl.minimum(row_start + BLOCK_M, tl.load(expert_offsets_ptr + i_e + 1))
     o_r = row_start + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     m_r = o_r < row_end
     o_r = tl.where(m_r, o_r, row_start)
