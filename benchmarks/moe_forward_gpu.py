@@ -317,7 +317,8 @@ def time_shape(shape: Shape, x, weights: MoEWeights, expert_ids, expert_weights,
 
 
 def candidates(rows_per_expert: float, swiglu: bool, smoke: bool) -> list[GroupedMatmulConfig]:
-    """(block_m, block_n, block_k, group_m, num_warps, num_stages); block_n is per half for SwiGLU."""
+    """(block_m, block_n, block_k, group_m, num_warps, num_stages[, weight_tma, persistent]); block_n
+    is per half for SwiGLU."""
     C = GroupedMatmulConfig
     if smoke:
         return [C(16, 16, 16, 2, 4, 2), C(32, 16, 16, 4, 4, 2)]
@@ -333,7 +334,10 @@ def candidates(rows_per_expert: float, swiglu: bool, smoke: bool) -> list[Groupe
                 C(128, 128, 64, 16, 8, 3), C(128, 128, 32, 16, 8, 4)]  # fmt: skip
     return [C(64, 128, 64, 8, 4, 4), C(128, 128, 64, 8, 8, 4), C(128, 128, 64, 8, 4, 4), C(128, 256, 64, 8, 8, 3),
             C(64, 256, 64, 8, 8, 3), C(128, 128, 128, 8, 8, 3), C(128, 128, 64, 16, 8, 4), C(128, 256, 64, 4, 8, 3),
-            C(128, 256, 64, 16, 8, 3), C(128, 256, 32, 8, 8, 4)]  # fmt: skip
+            C(128, 256, 64, 16, 8, 3), C(128, 256, 32, 8, 8, 4),
+            # TMA weights, persistent walk
+            C(128, 256, 64, 8, 8, 3, True, True), C(128, 256, 64, 16, 8, 3, True, True),
+            C(128, 128, 64, 16, 8, 4, True, True), C(128, 256, 64, 16, 8, 3, True, False)]  # fmt: skip
 
 
 def sweep_shape(shape: Shape, x, weights: MoEWeights, expert_ids, expert_weights, smoke: bool) -> dict:
@@ -399,7 +403,7 @@ def markdown_row(row: dict, check: dict) -> str:
 
 
 SWEEP_HEADER = (
-    "| shape | dtype | GEMM | best config (BM, BN, BK, group, warps, stages) | ms | TFLOP/s | heuristic ms "
+    "| shape | dtype | GEMM | best config (BM, BN, BK, group, warps, stages, TMA weights, persistent) | ms | TFLOP/s | heuristic ms "
     "| best / heuristic |\n|---|---|---|---|---|---|---|---|"
 )
 
@@ -412,7 +416,7 @@ def sweep_rows(sweep: dict) -> list[str]:
         if best is None:
             lines.append(f"| {sweep['shape']} | {sweep['dtype']} | {gemm} | all failed | n/a | n/a | n/a | no |")
             continue
-        config = "({block_m}, {block_n}, {block_k}, {group_m}, {num_warps}, {num_stages})".format(**best["config"])
+        config = "(" + ", ".join(str(value) for value in best["config"].values()) + ")"
         heuristic_ms = found.get("heuristic_ms")
         heuristic = "n/a" if heuristic_ms is None else f"{heuristic_ms:.3f}"
         ratio = "n/a" if heuristic_ms is None else f"{best['ms'] / heuristic_ms:.3f}"

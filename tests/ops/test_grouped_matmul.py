@@ -267,19 +267,19 @@ def test_select_config_shapes():
 
 
 def test_select_config_loading_modes():
-    # 128-row plain GEMMs: TMA weights for a gathered input or column-major weights, a persistent
-    # walk when both operands come through TMA; SwiGLU and small tiles keep pointer loads.
+    # 128-row plain GEMMs: TMA weights, and a persistent walk when the input is sorted too;
+    # SwiGLU and smaller tiles keep pointer loads.
     def modes(swiglu=False, gather=False, column_major=False, rows=40960):
         config = select_config(rows, 4096, 7168, torch.bfloat16, num_experts=33, swiglu=swiglu, gather=gather,
                                column_major=column_major)  # fmt: skip
         return config.weight_tma, config.persistent
 
-    assert modes() == (False, False)  # the down projection
-    assert modes(swiglu=True, gather=True) == (False, False)
+    assert modes() == (True, True)  # the down projection
+    assert modes(column_major=True) == (True, True)  # the backward's d_x
     assert modes(gather=True) == (True, False)
     assert modes(gather=True, column_major=True) == (True, False)
-    assert modes(column_major=True) == (True, True)
-    assert modes(column_major=True, rows=2000) == (False, False)  # 64-row tiles
+    assert modes(swiglu=True, gather=True) == (False, False)
+    assert modes(rows=2000) == (False, False)  # 64-row tiles
 
 
 def test_committed_config_tables_are_valid():

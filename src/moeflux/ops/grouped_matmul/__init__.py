@@ -243,8 +243,8 @@ def select_config(
 ) -> GroupedMatmulConfig:
     """A launch config for ``M_total`` sorted rows over ``num_experts`` experts, ``W[e]`` of
     ``[K, N]`` (``N`` counts both halves when ``swiglu``), input rows gathered from tokens or
-    not (``gather``), weights with unit stride along ``K`` or ``N`` (``column_major``). Nothing
-    is timed on the hot path:
+    in sorted order (``gather``), weights with unit stride along ``K`` or ``N``
+    (``column_major``). Nothing is timed on the hot path:
 
     1. For row-major weights on a CUDA ``device`` whose GPU has a committed table (``moeflux/data/gemm_configs.json``,
        written by ``benchmarks/gemm_table.py`` from the sweeps of ``benchmarks/moe_forward_gpu.py``),
@@ -262,9 +262,8 @@ def select_config(
        * 8 warps once the fp32 accumulators reach ``128 x 128`` elements, else 4.
        * as many pipeline stages (2 .. 4) as fit in about 160 KiB of shared memory.
        * swizzle groups of 32 (SwiGLU) or 16 row tiles with 128-row tiles, else 8.
-       * plain GEMMs with 128-row tiles load the weights through TMA when the input is
-         gathered or the weights are column-major, and walk the tiles persistently when both
-         operands come through TMA (sorted input, column-major weights).
+       * plain GEMMs with 128-row tiles load the weights through TMA, and walk the tiles
+         persistently when the input is in sorted order (not gathered).
     """
     rows_per_expert = -(-M_total // max(num_experts, 1))
     if device is not None and device.type == "cuda" and not column_major:  # the table holds forward GEMMs
@@ -303,14 +302,16 @@ def heuristic_config(
     # competition, Mixtral and DeepSeek shapes and within 2% at Qwen3's
     # (benchmarks/results/group-probe-h100-2026-11-25-e9d7ea7).
     group_m = (32 if swiglu else 16) if block_m == 128 else 8
-    # Against pointer loads of the weights, on the H100 with 128-row plain GEMMs
-    # (benchmarks/results/gemm-gap-probe-h100-2026-11-25-07728d5): TMA weights are 4-12%
-    # faster with a gathered input or column-major weights, and a persistent walk adds
-    # 15-20% more where both operands come through TMA (the backward's d_x GEMM). Row-major
-    # weights over a sorted input (the down projection) and SwiGLU gain nothing from either.
+    # 128-row plain GEMMs take their weights through TMA, and with a sorted input (TMA as
+    # well) walk the tiles persistently. Against pointer loads on the H100
+    # (benchmarks/results/gemm-gap-probe-h100-2026-11-25-{07728d5,8641aaa}): gathered input,
+    # TMA weights 4-12% faster (the training forward's and the backward's first GEMM); sorted
+    # input, persistent 3-10% faster (the down projection, the backward's d_x GEMM), except
+    # Mixtral's down projection (K = 14336, 4.5% slower: a long K loop has little epilogue
+    # to hide). SwiGLU GEMMs gain nothing from either and keep pointer loads.
     plain_128 = block_m == 128 and not swiglu
-    weight_tma = plain_128 and (gather or column_major)
-    persistent = plain_128 and column_major and not gather
+    weight_tma = plain_128
+    persistent = plain_128 and not gather
     return GroupedMatmulConfig(block_m, block_n, block_k, group_m, num_warps, num_stages, weight_tma, persistent)
 
 
