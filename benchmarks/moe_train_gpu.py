@@ -18,6 +18,7 @@ forward + backward against a plain ``torch._grouped_mm`` autograd MoE.
    output) and the step's peak (``max_memory_allocated`` minus the memory before it), also
    less the returned gradients (both implementations allocate the weight gradients before
    their peak, so this approximates the activation peak). Out of memory is recorded per shape.
+   The same for ``experts_autograd(..., recompute=True)`` (no pre-activations saved).
 3. Parts of the Triton step (plan, each GEMM, the weight-gradient launches, elementwise, combine),
    the transposed-weight GEMMs read in place vs from a contiguous transposed copy, and a sweep
    of weight-gradient configs (T=8192, Qwen3, T=2048; the former main loop among them, each output
@@ -66,6 +67,7 @@ NAMES = ("out", "x", "expert_weights", "gate_up", "down")
 
 # The router's ids are valid by construction: skip the id check (a host sync).
 triton_experts = functools.partial(experts_autograd, check_ids=False)
+recompute_experts = functools.partial(experts_autograd, check_ids=False, recompute=True)
 
 
 @dataclass(frozen=True)
@@ -196,7 +198,8 @@ def check_shape(shape: Shape, device: torch.device) -> dict:
         del leaves
         free_memory()
         results = {}
-        for name, experts in (("triton", triton_experts), ("torch", experts_torch), ("grouped_mm", grouped_mm_moe)):
+        for name, experts in (("triton", triton_experts), ("recompute", recompute_experts), ("torch", experts_torch),
+                              ("grouped_mm", grouped_mm_moe)):  # fmt: skip
             leaves, expert_ids, E = leaves_of(inputs)
             try:
                 out, grads = step(experts, leaves, expert_ids, E, grad_out)
@@ -212,6 +215,10 @@ def check_shape(shape: Shape, device: torch.device) -> dict:
                       for n in NAMES}  # fmt: skip
             result["ratio_triton_to_torch"] = ratios
             result["worst_ratio"] = max(ratios.values())
+        if "recompute" in results and "torch" in results:
+            result["recompute_worst_ratio"] = max(
+                result["rel_l2_recompute_vs_fp32"][n] / max(result["rel_l2_torch_vs_fp32"][n], 1e-30) for n in NAMES
+            )
         if triton_run is not None:
             result["finite"] = all(bool(torch.isfinite(v).all()) for v in triton_run)
             leaves, expert_ids, E = leaves_of(inputs)
@@ -233,6 +240,7 @@ def check_shape(shape: Shape, device: torch.device) -> dict:
     result["ok"] = bool(
         "error" not in result and "triton_error" not in result and result.get("finite")
         and result.get("worst_ratio", math.inf) <= RATIO_TARGET and result.get("bitwise_reproducible")
+        and "recompute_error" not in result and result.get("recompute_worst_ratio", math.inf) <= RATIO_TARGET
         and result.get("no_host_sync") is not False and result.get("empty_expert_grads_zero") is not False
     )  # fmt: skip
     return result
@@ -273,7 +281,7 @@ def time_shape(shape: Shape, device: torch.device, peak: float) -> dict:
     except torch.cuda.OutOfMemoryError as error:
         row["error"] = "OOM (inputs): " + error_text(error)
         return row
-    for name, experts in (("triton", triton_experts), ("grouped_mm", grouped_mm_moe)):
+    for name, experts in (("triton", triton_experts), ("recompute", recompute_experts), ("grouped_mm", grouped_mm_moe)):
         try:
             leaves, expert_ids, E = leaves_of(inputs)
             row[f"{name}_ms"] = time_ms(lambda: step(experts, leaves, expert_ids, E, grad_out))
@@ -295,6 +303,10 @@ def time_shape(shape: Shape, device: torch.device, peak: float) -> dict:
     row["speedup"] = theirs / mine if mine and theirs else None
     mine, theirs = row.get("triton_peak_less_grads_mib"), row.get("grouped_mm_peak_less_grads_mib")
     row["activation_memory_ratio"] = mine / theirs if mine and theirs else None
+    mine, theirs = row.get("recompute_ms"), row.get("grouped_mm_ms")
+    row["recompute_speedup"] = theirs / mine if mine and theirs else None
+    mine, theirs = row.get("recompute_peak_less_grads_mib"), row.get("grouped_mm_peak_less_grads_mib")
+    row["recompute_activation_memory_ratio"] = mine / theirs if mine and theirs else None
     try:
         row["parts"] = time_parts(shape, inputs, grad_out)
     except torch.cuda.OutOfMemoryError as error:
@@ -537,7 +549,8 @@ def fmt(value, spec=".3f", suffix="") -> str:
 
 CHECK_HEADER = (
     "| shape | rel-L2 vs fp32: triton (out / dx / dw / dW_gate_up / dW_down) | torch path | worst ratio | "
-    "reproducible | no sync | empty experts 0 | ok |\n|---|---|---|---|---|---|---|---|"
+    "recompute=True: rel-L2 | worst ratio | reproducible | no sync | empty experts 0 | ok |\n"
+    "|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -548,6 +561,7 @@ def check_row(check: dict) -> str:
 
     return (
         f"| {check['shape']} | {errors('triton')} | {errors('torch')} | {fmt(check.get('worst_ratio'), '.2f')} "
+        f"| {errors('recompute')} | {fmt(check.get('recompute_worst_ratio'), '.2f')} "
         f"| {check.get('bitwise_reproducible')} | {check.get('no_host_sync')} | {check.get('empty_expert_grads_zero')} "
         f"| {'ok' if check['ok'] else 'FAIL ' + check.get('error', '')} |"
     )
@@ -573,6 +587,22 @@ def time_row(row: dict) -> str:
         f"| {pair('peak_mib')} | {pair('peak_less_grads_mib')} | {fmt(row.get('activation_memory_ratio'), '.2f')} |"
         + (f" {errors}" if errors else "")
     )
+
+
+RECOMPUTE_HEADER = (
+    "| shape | recompute ms | TFLOP/s | speed-up | saved B/token | peak less grads MiB | ratio |\n"
+    "|---|---|---|---|---|---|---|"
+)
+
+
+def recompute_row(row: dict) -> str:
+    return (
+        f"| {row['shape']} | {fmt(row.get('recompute_ms'))} | {fmt(row.get('recompute_tflops'), '.0f')} "
+        f"| {fmt(row.get('recompute_speedup'), '.2f', 'x')} | {fmt(row.get('recompute_saved_bytes_per_token'), '.0f')} "
+        f"| {fmt(row.get('recompute_peak_less_grads_mib'), '.0f')} "
+        f"| {fmt(row.get('recompute_activation_memory_ratio'), '.2f')} |" + (f" {row['recompute_error']}"
+                                                                            if "recompute_error" in row else "")
+    )  # fmt: skip
 
 
 def parts_lines(row: dict) -> list[str]:
@@ -635,6 +665,8 @@ def main() -> int:
     checks_ok = all(c["ok"] for c in checks)
     speedup = geomean(r.get("speedup") for r in rows)
     memory_ratio = geomean(r.get("activation_memory_ratio") for r in rows)
+    recompute_speedup = geomean(r.get("recompute_speedup") for r in rows)
+    recompute_memory_ratio = geomean(r.get("recompute_activation_memory_ratio") for r in rows)
     sweep_lines = []
     for sweep in sweeps:
         for launch in ("dW_down", "dW_gate_up"):
@@ -664,7 +696,11 @@ def main() -> int:
         f"{'all passed' if checks_ok else 'FAILURES'}",
         "", CHECK_HEADER, *map(check_row, checks), "", TIME_HEADER, *map(time_row, rows), "",
         f"geomean speed-up over torch._grouped_mm autograd: {fmt(speedup, '.2f', 'x')}; geomean activation-memory "
-        f"ratio (peak less grads): {fmt(memory_ratio, '.2f')}", "", "parts of the Triton step (default configs):",
+        f"ratio (peak less grads): {fmt(memory_ratio, '.2f')}", "",
+        "recompute=True (no pre-activations saved; the backward recomputes them band by band), against the same "
+        "torch._grouped_mm autograd MoE:", "", RECOMPUTE_HEADER, *map(recompute_row, rows), "",
+        f"geomean speed-up: {fmt(recompute_speedup, '.2f', 'x')}; geomean activation-memory ratio: "
+        f"{fmt(recompute_memory_ratio, '.2f')}", "", "parts of the Triton step (default configs):",
         *[line for r in rows for line in parts_lines(r)], "", "weight-gradient sweep:", *sweep_lines, "",
         "weight-gradient choice:", *weight_grad_choice(sweeps), "",
     ])  # fmt: skip
@@ -674,6 +710,7 @@ def main() -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(), "dense_peak_tflops_bf16": peak, "checks_ok": checks_ok, "checks": checks,
         "results": rows, "geomean_speedup": speedup, "geomean_activation_memory_ratio": memory_ratio,
+        "recompute_geomean_speedup": recompute_speedup, "recompute_geomean_activation_memory_ratio": recompute_memory_ratio,
         "weight_grad_sweeps": sweeps, "wall_s": time.perf_counter() - started,
     }  # fmt: skip
     json_path = report_path(args.out, "moe_train_gpu.json")

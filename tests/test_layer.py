@@ -168,6 +168,25 @@ def test_triton_layer_gradients_match_torch_layer(dtype):
         assert rel_l2(actual, expected) < tolerance, name
 
 
+def test_recompute_layer_gives_the_same_gradients():
+    """``MoE(recompute=True)`` saves no pre-activations and recomputes them in the backward:
+    same forward, same gradients (to float32 rounding) as the default layer."""
+    config = moeflux.MoEConfig(hidden_size=24, expert_size=16, num_experts=6, top_k=2, num_shared_experts=1)
+    grads, outs = {}, {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        layer = moeflux.MoE(config, backend="triton", recompute=recompute)
+        x = torch.randn(9, 24, requires_grad=True)
+        out, aux = layer(x)
+        (out.square().sum() + aux.load_balancing_loss).backward()
+        outs[recompute] = out.detach()
+        grads[recompute] = [x.grad, *(p.grad for p in layer.parameters())]
+    assert "recompute=True" in repr(layer)
+    assert rel_l2(outs[True], outs[False]) < 1e-6
+    for actual, expected in zip(grads[True], grads[False]):
+        assert rel_l2(actual, expected) < 1e-5
+
+
 # ---- routing variants through the layer ------------------------------------------------------
 
 # (what it exercises, E, k, router)

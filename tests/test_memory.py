@@ -21,6 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from moeflux import memory
+import moeflux.ops.experts.autograd as experts_autograd_module
 from moeflux.ops.experts.autograd import experts_autograd
 from moeflux.ops.experts.triton import experts_triton
 from moeflux.ops.flash_expert import flash_expert
@@ -126,6 +127,30 @@ def test_experts_estimates_bound_what_is_allocated(T, H, D, E, k, S, dtype):
     grad_out = torch.randn_like(out)
     backward_peak, _ = measured_peak(lambda: out.backward(grad_out))
     estimate = memory.experts_backward_bytes(T, H, D, k, E, S, dtype)
+    assert backward_peak <= estimate.peak + SCALARS and estimate.peak <= SLACK * backward_peak + FIXED, ("backward", backward_peak, estimate)
+
+
+@pytest.mark.parametrize("band", [1024, 16], ids=["one-band", "bands-of-16"])
+@pytest.mark.parametrize("T, H, D, E, k, S, dtype", EXPERT_SHAPES)
+def test_recompute_estimates_bound_what_is_allocated(T, H, D, E, k, S, dtype, band, monkeypatch):
+    # The recomputing backward: nothing saved beyond the plan and weights; its workspace is
+    # per band of D (bands of 16 split D = 24 and 64 into several).
+    monkeypatch.setattr(experts_autograd_module, "RECOMPUTE_BAND", band)
+    x, expert_ids, expert_weights, gate_up, down = experts_inputs(T, H, D, E, k, S, dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, expert_weights, gate_up, down)]
+
+    def forward():
+        return experts_autograd(leaves[0], expert_ids, *leaves[1:], E, recompute=True)
+
+    forward().sum().backward()  # compile outside the measurement
+    for leaf in leaves:
+        leaf.grad = None
+    train_peak, out = measured_peak(forward)
+    estimate = memory.experts_forward_bytes(T, H, D, k, E, S, dtype)
+    assert train_peak <= estimate.peak + SCALARS and estimate.peak <= SLACK * train_peak + FIXED, ("forward", train_peak, estimate)
+    grad_out = torch.randn_like(out)
+    backward_peak, _ = measured_peak(lambda: out.backward(grad_out))
+    estimate = memory.experts_backward_bytes(T, H, D, k, E, S, dtype, recompute=True)
     assert backward_peak <= estimate.peak + SCALARS and estimate.peak <= SLACK * backward_peak + FIXED, ("backward", backward_peak, estimate)
 
 

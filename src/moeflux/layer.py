@@ -110,6 +110,7 @@ def moe(
     router: RouterConfig = RouterConfig(),
     training: bool = False,
     backend: str = "auto",
+    recompute: bool = False,
 ) -> tuple[torch.Tensor, MoEAux]:
     """DeepSeek-style MoE forward.
 
@@ -130,6 +131,9 @@ def moe(
         training: apply the router's training-only ``jitter`` (the router input alone is
             multiplied by ``U(1 - jitter, 1 + jitter)``; the experts see ``x``).
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see :mod:`moeflux.backends`).
+        recompute: Triton backend, training: keep no expert pre-activations for the backward,
+            which recomputes them (one more gate|up GEMM; activation memory of a few bands
+            instead of ``T (k + S) 2D`` elements). See :func:`moeflux.ops.experts.autograd.experts_autograd`.
 
     Returns:
         ``(out, aux)``: ``out`` has ``x``'s shape and dtype; ``aux`` is a :class:`MoEAux`.
@@ -146,7 +150,7 @@ def moe(
     x_tokens = x.reshape(-1, x.shape[-1])
     logits = router_logits(x_tokens, weights.router, router, training=training)
     routing = route(logits, top_k, router=router, expert_bias=weights.expert_bias, backend=backend)
-    out = run_experts(x_tokens, routing.expert_ids, routing.expert_weights, weights, backend=backend)
+    out = run_experts(x_tokens, routing.expert_ids, routing.expert_weights, weights, backend=backend, recompute=recompute)
     sequence_length = x.shape[1] if x.dim() == 3 else None
     return out.view(x.shape), MoEAux.from_routing(routing, top_k, router=router, sequence_length=sequence_length)
 
@@ -206,11 +210,14 @@ class MoE(nn.Module):
         backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        recompute: bool = False,
     ) -> None:
-        """Random weights by default; pass packed ``weights`` to wrap them without a copy."""
+        """Random weights by default; pass packed ``weights`` to wrap them without a copy.
+        ``recompute``: see :func:`moeflux.moe`."""
         super().__init__()
         self.config = config
         self.backend = backend
+        self.recompute = recompute
         if weights is None:
             weights = MoEWeights.empty(config, device=device, dtype=dtype).normal_()
         elif (weights.num_experts, weights.num_shared_experts, weights.hidden_size, weights.expert_size) != (
@@ -261,13 +268,15 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         return moe(
-            x, self.weights, self.config.top_k, router=self.config.router, training=self.training, backend=self.backend
-        )
+            x, self.weights, self.config.top_k, router=self.config.router, training=self.training, backend=self.backend,
+            recompute=self.recompute,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         c = self.config
         return (
             f"hidden_size={c.hidden_size}, expert_size={c.expert_size}, num_experts={c.num_experts}, "
             f"top_k={c.top_k}, num_shared_experts={c.num_shared_experts}, backend={self.backend!r}"
+            + (", recompute=True" if self.recompute else "")
             + ("" if c.router == RouterConfig() else f", router={c.router}")
         )

@@ -97,6 +97,8 @@ def experts_backward_bytes(
     num_experts: int,
     num_shared_experts: int,
     dtype: torch.dtype,
+    *,
+    recompute: bool = False,
 ) -> Workspace:
     """Device bytes the backward of :func:`moeflux.ops.experts.autograd.experts_autograd`
     allocates (what its forward saved is counted there), every input needing a gradient.
@@ -106,6 +108,11 @@ def experts_backward_bytes(
     ``d_gate_up [E', H, 2D]``, one band of the scattered input gradients (``[P, band]``, at
     most ``max(2D, 1024)`` columns) and ``dx [T, H]``. Outputs: ``dx``, ``d_gate_up``,
     ``d_down`` and the routing weights' gradient.
+
+    With ``recompute`` (nothing saved by the forward): the weight gradients and a float32
+    ``dx`` sum from the start, and per band of ``w`` expert columns the recomputed ``[P, 2w]``
+    pre-activations with ``g [P, w]`` and its scaled copy, then with one band of scattered
+    input gradients (``[P, max(2w, 1024)]`` at most).
     """
     T, H, D, b = num_tokens, hidden_size, expert_size, _itemsize(dtype)
     E_all = num_experts + num_shared_experts
@@ -117,12 +124,22 @@ def experts_backward_bytes(
     d_pair_weights = 4 * P
     from moeflux.ops.experts.autograd import _column_bands  # noqa: PLC0415 - it imports this module
 
+    tables = 5 * 8 * E_all  # the transposed weights' address tables (int64)
+    if recompute:
+        from moeflux.ops.experts.autograd import _expert_bands  # noqa: PLC0415
+
+        widths = [last - first for first, last in _expert_bands(D)] or [0]
+        bands = [max((b_ - a_ for a_, b_ in _column_bands(H, w)), default=0) for w in widths]
+        per_band = max(P * b * max(4 * w, 2 * w + h_band) for w, h_band in zip(widths, bands))
+        d_x_sum = 4 * T * H
+        peak = (d_out_copy + 2 * d_pair_weights + retiled + tables + d_down + d_gate_up + d_weights + d_x_sum
+                + max(per_band, d_x))  # fmt: skip
+        return Workspace(peak=peak, outputs=d_x + d_down + d_gate_up + d_weights)
     band = max(last - first for first, last in _column_bands(H, D)) if H > 0 else 0
     stages = max(
         2 * P * D * b + d_down,  # g, g's scaled copy, d_down
         d_down + d_gate_up + P * band * b + d_x,  # weight grads, one band of scattered dx, dx
     )
-    tables = 5 * 8 * E_all  # the transposed weights' address tables (int64)
     peak = d_out_copy + d_pair_weights + retiled + tables + stages + d_weights
     return Workspace(peak=peak, outputs=d_x + d_down + d_gate_up + d_weights)
 

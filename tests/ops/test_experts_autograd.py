@@ -17,6 +17,7 @@ import os
 import pytest
 import torch
 
+import moeflux.ops.experts.autograd as experts_autograd_module
 from moeflux.ops.dispatch import build_dispatch_plan
 from moeflux.ops.experts.autograd import experts_autograd, grouped_matmul_autograd
 from moeflux.ops.experts.naive import experts_torch
@@ -181,3 +182,49 @@ def test_second_backward_raises():
     out.sum().backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="retain_graph=True is not supported"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("T, H, D, E, S, k, choices", [c for c in CASES if c.id in ("T1", "ragged-empty-shared1", "k=E-shared2")])
+def test_recompute_matches_torch_autograd(T, H, D, E, S, k, choices, dtype, monkeypatch):
+    # Nothing saved, the backward recomputes the pre-activations band by band over D: bands of
+    # 16 columns here, so D = 24 makes two (16 + 8) and every gradient sums over both.
+    monkeypatch.setattr(experts_autograd_module, "RECOMPUTE_BAND", 16)
+    inputs = make_inputs(T, H, D, E, S, k, dtype, choices=choices, seed=T + H + E)
+    grad_out = torch.randn(T, H, generator=torch.Generator().manual_seed(T), device=DEVICE)
+
+    def recomputing(*args):
+        return experts_autograd(*args, gemm_config=SMALL, weight_grad_config=SMALL_WG, recompute=True)
+
+    triton = output_and_grads(recomputing, inputs, grad_out)
+    exact = output_and_grads(experts_torch, inputs, grad_out, torch.float32)
+    torch_path = output_and_grads(experts_torch, inputs, grad_out) if dtype != torch.float32 else None
+    for i, (name, actual, expected) in enumerate(zip(NAMES, triton, exact)):
+        assert actual.dtype == (torch.float32 if name == "expert_weights" else dtype), name
+        assert rel_l2(actual, expected) < TOLERANCE_VS_FP32[dtype], name
+        if torch_path is not None:
+            floor = torch.finfo(dtype).eps
+            assert rel_l2(actual, expected) <= RATIO_VS_TORCH[dtype] * max(rel_l2(torch_path[i], expected), floor), name
+    if choices is not None:
+        unused = [e for e in range(E) if e not in choices]
+        for grad in triton[3:]:
+            assert torch.equal(grad[unused], torch.zeros_like(grad[unused]))
+
+
+def test_recompute_allows_a_second_backward():
+    # With nothing saved to overwrite, retain_graph works: the second pass adds the same gradient.
+    x, expert_ids, expert_weights, gate_up, down, num_routed = make_inputs(5, 16, 8, 4, 0, 2, torch.float32, seed=2)
+    x.requires_grad_()
+    out = experts_autograd(x, expert_ids, expert_weights, gate_up, down, num_routed, gemm_config=SMALL,
+                           weight_grad_config=SMALL_WG, recompute=True)  # fmt: skip
+    out.sum().backward(retain_graph=True)
+    first = x.grad.clone()
+    out.sum().backward()
+    assert torch.allclose(x.grad, 2 * first)
+
+
+def test_expert_bands_cover_D(monkeypatch):
+    monkeypatch.setattr(experts_autograd_module, "RECOMPUTE_BAND", 16)
+    assert experts_autograd_module._expert_bands(40) == [(0, 16), (16, 32), (32, 40)]
+    assert experts_autograd_module._expert_bands(16) == [(0, 16)]
+    assert experts_autograd_module._expert_bands(0) == []

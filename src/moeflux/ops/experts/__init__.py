@@ -20,6 +20,7 @@ def run_experts(
     *,
     backend: str = "torch",
     check_ids: bool = False,
+    recompute: bool = False,
 ) -> torch.Tensor:
     """``out[t] = sum_j w[t, j] * SwiGLU_{ids[t, j]}(x[t]) + sum_s SwiGLU_{E + s}(x[t])``.
 
@@ -37,6 +38,9 @@ def run_experts(
             which are always in range, and its forward must stay free of host syncs (CUDA-graph
             capturable). Turn it on for ids from anywhere else: out-of-range ids read and write
             out of bounds on the GPU.
+        recompute: on the Triton path with autograd, save no pre-activations and recompute
+            them in the backward (:func:`moeflux.ops.experts.autograd.experts_autograd`); no
+            effect elsewhere.
 
     Returns:
         ``[T, H]`` in ``x.dtype``.
@@ -65,8 +69,9 @@ def run_experts(
         tensors = (x, expert_weights, weights.gate_up, weights.down)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return experts_autograd(
-                x, expert_ids, expert_weights, weights.gate_up, weights.down, weights.num_experts, check_ids=False
-            )
+                x, expert_ids, expert_weights, weights.gate_up, weights.down, weights.num_experts, check_ids=False,
+                recompute=recompute,
+            )  # fmt: skip
         return experts_triton_tables(x, expert_ids, expert_weights, weights.expert_tables(), check_ids=False)
     raise ValueError(f"unknown experts backend {backend!r}")
 

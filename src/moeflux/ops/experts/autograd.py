@@ -55,11 +55,12 @@ from moeflux.ops.grouped_matmul import GroupedMatmulConfig, grouped_matmul, sele
 from moeflux.ops.grouped_matmul.weight_grad import WeightGradConfig, grouped_weight_grad
 
 
-def _gemm(x, weight, plan, config, *, gather=False, row_scale=None, scatter=False) -> torch.Tensor:
-    """The one call site of :func:`grouped_matmul` here: ``config`` chosen by ``select_config``
-    (for this GEMM's layout) when ``None``, no SwiGLU epilogue (the backward needs the
-    pre-activations)."""
-    return grouped_matmul(x, weight, plan, gather=gather, row_scale=row_scale, scatter=scatter, config=config)
+def _gemm(x, weight, plan, config, *, gather=False, row_scale=None, scatter=False, out=None) -> torch.Tensor:
+    """A grouped GEMM without SwiGLU epilogue (the backward needs the pre-activations);
+    ``config`` chosen by ``select_config`` (for this GEMM's layout) when ``None``."""
+    return grouped_matmul(
+        x, weight, plan, gather=gather, row_scale=row_scale, scatter=scatter, config=config, out=out
+    )
 
 
 def _elementwise_blocks(width: int) -> tuple[int, int]:
@@ -175,14 +176,15 @@ class ExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x, expert_ids, expert_weights, gate_up, down, num_routed, gemm_config, weight_grad_config, check_ids
-    ):
+        ctx, x, expert_ids, expert_weights, gate_up, down, num_routed, gemm_config, weight_grad_config, check_ids,
+        recompute,
+    ):  # fmt: skip
         T, H = x.shape
         num_experts = down.shape[0]
         num_shared = num_experts - num_routed
         top_k = expert_ids.shape[1] + num_shared
         D = down.shape[1]
-        check_forward_memory(T, H, D, expert_ids.shape[1], num_routed, num_shared, x, training=True)
+        check_forward_memory(T, H, D, expert_ids.shape[1], num_routed, num_shared, x, training=not recompute)
         # The plan is tiled for the first GEMM; the others re-tile it (a launch, not a sort).
         first = gemm_config or select_config(
             T * top_k, 2 * D, H, x.dtype, num_experts=num_experts, gather=True, device=x.device
@@ -191,8 +193,12 @@ class ExpertsFunction(torch.autograd.Function):
             expert_ids, num_routed, num_shared_experts=num_shared, block_m=first.block_m, check_ids=check_ids
         )
         weights = pair_weights(expert_weights, num_shared).view(-1)  # [P] float32, pair order
-        pre = _gemm(x, gate_up, plan, gemm_config, gather=True)  # [P, 2D] sorted
-        hidden = _swiglu(pre)  # [P, D] sorted
+        if recompute:  # the inference forward: SwiGLU in the gate|up GEMM's epilogue, nothing saved
+            pre = None
+            hidden = grouped_matmul(x, gate_up, plan, gather=True, swiglu=True, config=gemm_config)
+        else:
+            pre = _gemm(x, gate_up, plan, gemm_config, gather=True)  # [P, 2D] sorted
+            hidden = _swiglu(pre)  # [P, D] sorted
         pair_out = _gemm(hidden, down, plan, gemm_config, row_scale=weights, scatter=True)  # [P, H] pair order
         del hidden
         out = combine_pairs(pair_out.view(T, top_k, H))
@@ -203,11 +209,14 @@ class ExpertsFunction(torch.autograd.Function):
         ctx.routed_k = expert_ids.shape[1]
         ctx.expert_weights_dtype = expert_weights.dtype
         ctx.configs = (gemm_config, weight_grad_config)
+        ctx.recompute = recompute
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, d_out):
+        if ctx.recompute:
+            return _backward_recomputing(ctx, d_out)
         x, gate_up, down, weights = ctx.saved_tensors
         pre, ctx.pre = ctx.pre, None
         if pre is None:
@@ -247,7 +256,71 @@ class ExpertsFunction(torch.autograd.Function):
         d_weights = None
         if needs_weights:
             d_weights = d_pair_weights.view(T, plan.top_k)[:, : ctx.routed_k].to(ctx.expert_weights_dtype)
-        return d_x, None, d_weights, d_gate_up, d_down, None, None, None, None
+        return d_x, None, d_weights, d_gate_up, d_down, None, None, None, None, None
+
+
+def _backward_recomputing(ctx, d_out):
+    """:meth:`ExpertsFunction.backward` of a ``recompute`` forward: band by band over ``D``
+    (see the module docstring), recomputing each band's gate|up pre-activations."""
+    x, gate_up, down, weights = ctx.saved_tensors
+    plan: DispatchPlan = ctx.plan
+    gemm_config, weight_grad_config = ctx.configs
+    T, H = x.shape
+    D = down.shape[1]
+    needs_x, _, needs_weights, needs_gate_up, needs_down = ctx.needs_input_grad[:5]
+    _check_backward_memory(plan, ctx.routed_k, H, D, x, recompute=True)
+    d_out = d_out.to(x.dtype)
+    P = plan.num_pairs
+    d_pair_weights = torch.zeros(P, device=x.device, dtype=torch.float32)
+    d_down = torch.empty_like(down) if needs_down else None
+    d_gate_up = torch.empty_like(gate_up) if needs_gate_up else None
+    # float32 across bands: each band adds a partial product over its D columns.
+    d_x_sum = torch.zeros(T, H, device=x.device, dtype=torch.float32) if needs_x else None
+    for d_first, d_last in _expert_bands(D):
+        width = d_last - d_first
+        gate, up = slice(d_first, d_last), slice(D + d_first, D + d_last)
+        pre = torch.empty(P, 2 * width, device=x.device, dtype=x.dtype)  # [P, 2 width] sorted gate|up band
+        _gemm(x, gate_up[:, :, gate], plan, gemm_config, gather=True, out=pre[:, :width])
+        _gemm(x, gate_up[:, :, up], plan, gemm_config, gather=True, out=pre[:, width:])
+        g_then_h = _gemm(d_out, down[:, gate].transpose(1, 2), plan, gemm_config, gather=True)  # [P, width]
+        d_pre, d_band_weights = _swiglu_backward(pre, g_then_h, weights, plan)
+        d_pair_weights += d_band_weights
+        if needs_down:
+            grouped_weight_grad(g_then_h, d_out, plan, b_rows="tokens", row_scale=weights,
+                                config=weight_grad_config, out=d_down[:, gate])  # fmt: skip
+        del g_then_h
+        # (Halves indexed in place: a loop variable holding a view would keep this band's
+        # buffer alive into the next band.)
+        halves = ((slice(0, width), gate), (slice(width, 2 * width), up))
+        if needs_gate_up:
+            for rows, columns in halves:
+                grouped_weight_grad(x, d_pre[:, rows], plan, a_rows="tokens", config=weight_grad_config,
+                                    out=d_gate_up[:, :, columns])  # fmt: skip
+        if needs_x:
+            for first, last in _column_bands(H, width):
+                for rows, columns in halves:
+                    d_x_pairs = _gemm(d_pre[:, rows], gate_up[:, first:last, columns].transpose(1, 2), plan,
+                                      gemm_config, scatter=True)  # fmt: skip
+                    combine_pairs(d_x_pairs.view(T, plan.top_k, last - first), out=d_x_sum[:, first:last],
+                                  accumulate=True)  # fmt: skip
+                    del d_x_pairs
+        del d_pre, pre
+    d_x = d_x_sum.to(x.dtype) if needs_x else None
+    d_weights = None
+    if needs_weights:
+        d_weights = d_pair_weights.view(T, plan.top_k)[:, : ctx.routed_k].to(ctx.expert_weights_dtype)
+    return d_x, None, d_weights, d_gate_up, d_down, None, None, None, None, None
+
+
+# Expert columns per band of a recomputing backward: its workspace is about
+# P (3 band + min(H, max(2 band, 1024))) bytes an element, plus T H float32.
+RECOMPUTE_BAND = 1024
+
+
+def _expert_bands(D: int) -> list[tuple[int, int]]:
+    """``[first, last)`` ranges splitting the expert width ``D`` into bands of at most
+    :data:`RECOMPUTE_BAND` columns."""
+    return [(first, min(first + RECOMPUTE_BAND, D)) for first in range(0, D, RECOMPUTE_BAND)]
 
 
 def _column_bands(H: int, D: int) -> list[tuple[int, int]]:
@@ -259,13 +332,17 @@ def _column_bands(H: int, D: int) -> list[tuple[int, int]]:
     return [(first, min(first + width, H)) for first in range(0, H, width)]
 
 
-def _check_backward_memory(plan: DispatchPlan, routed_k: int, H: int, D: int, x: torch.Tensor) -> None:
+def _check_backward_memory(
+    plan: DispatchPlan, routed_k: int, H: int, D: int, x: torch.Tensor, *, recompute: bool = False
+) -> None:
     """:func:`moeflux.memory.check_fits` for :meth:`ExpertsFunction.backward`."""
     num_shared = plan.top_k - routed_k
     num_routed = plan.num_experts - num_shared
 
     def workspace(tokens):
-        return experts_backward_bytes(tokens, H, D, routed_k, num_routed, num_shared, x.dtype).peak
+        return experts_backward_bytes(
+            tokens, H, D, routed_k, num_routed, num_shared, x.dtype, recompute=recompute
+        ).peak
 
     T = plan.num_tokens
     check_fits(workspace(T), x.device, "the Triton experts backward", per_token=lambda: per_token_bytes(workspace, T))
@@ -282,6 +359,7 @@ def experts_autograd(
     gemm_config: GroupedMatmulConfig | None = None,
     weight_grad_config: WeightGradConfig | None = None,
     check_ids: bool = True,
+    recompute: bool = False,
 ) -> torch.Tensor:
     """``out[t] = sum_j w[t, j] SwiGLU_{ids[t, j]}(x[t]) + sum_s SwiGLU_{E + s}(x[t])``,
     differentiable in ``x``, ``expert_weights``, ``gate_up`` and ``down``, no host sync once
@@ -302,6 +380,10 @@ def experts_autograd(
         check_ids: verify ``0 <= expert_ids < num_routed`` and raise ``IndexError`` otherwise;
             one host sync (see :func:`moeflux.ops.dispatch.build_dispatch_plan`). Turn it off
             inside CUDA graphs and for ids known good, such as the router's.
+        recompute: save no pre-activations; the backward recomputes them band by band over
+            ``D`` (one more gate|up GEMM, about a third more FLOPs in the step) and its
+            workspace shrinks to a band's. For memory-bound training, e.g. wide experts
+            (Mixtral's ``D = 3.5 H``), where the saved ``[P, 2D]`` dominates.
 
     Returns:
         ``[T, H]`` in ``x.dtype``. ``T = 0`` gives an empty ``[0, H]`` (and zero weight gradients).
@@ -330,7 +412,7 @@ def experts_autograd(
             f"got {list(gate_up.shape)} and {list(down.shape)}"
         )
     return ExpertsFunction.apply(
-        x, expert_ids, expert_weights, gate_up, down, num_routed, gemm_config, weight_grad_config, check_ids
+        x, expert_ids, expert_weights, gate_up, down, num_routed, gemm_config, weight_grad_config, check_ids, recompute
     )
 
 

@@ -34,6 +34,7 @@ def _combine_kernel(
     stride_pair_j,
     stride_out_t,
     TOP_K: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_H: tl.constexpr,
 ):
@@ -42,18 +43,24 @@ def _combine_kernel(
     o_h = i_h * BLOCK_H + tl.arange(0, BLOCK_H)
     m_th = (o_t < T)[:, None] & (o_h < H)[None, :]
     p_pair = pair_out_ptr + o_t[:, None].to(tl.int64) * stride_pair_t + o_h[None, :]  # [BLOCK_T, BLOCK_H]
-    b_sum = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
+    p_out = out_ptr + o_t[:, None].to(tl.int64) * stride_out_t + o_h[None, :]
+    if ACCUMULATE:
+        b_sum = tl.load(p_out, mask=m_th, other=0.0).to(tl.float32)
+    else:
+        b_sum = tl.zeros([BLOCK_T, BLOCK_H], dtype=tl.float32)
     for j in tl.static_range(TOP_K):  # slot order: the same sum on every run
         b_sum += tl.load(p_pair + j * stride_pair_j, mask=m_th, other=0.0).to(tl.float32)
-    p_out = out_ptr + o_t[:, None].to(tl.int64) * stride_out_t + o_h[None, :]
     tl.store(p_out, b_sum.to(out_ptr.dtype.element_ty), mask=m_th)
 
 
-def combine_pairs(pair_out: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def combine_pairs(pair_out: torch.Tensor, out: torch.Tensor | None = None, *, accumulate: bool = False) -> torch.Tensor:
     """``out[t] = sum_j pair_out[t, j]`` over ``pair_out [T, k', H]`` (last dim contiguous),
     summed in slot order in float32 and returned in ``pair_out``'s dtype; written into ``out``
-    (``[T, H]``, last dim contiguous, e.g. a column slice of a wider tensor) when given."""
+    (``[T, H]`` of any float dtype, last dim contiguous, e.g. a column slice of a wider
+    tensor) when given, or added to it (``accumulate``: ``out[t] += ...``, in float32)."""
     T, top_k, H = pair_out.shape
+    if accumulate and out is None:
+        raise ValueError("combine_pairs(accumulate=True) needs the out tensor to add to")
     if out is None:
         out = torch.empty(T, H, device=pair_out.device, dtype=pair_out.dtype)
     if T == 0 or H == 0:
@@ -63,7 +70,7 @@ def combine_pairs(pair_out: torch.Tensor, out: torch.Tensor | None = None) -> to
     grid = (triton.cdiv(T, block_t), triton.cdiv(H, block_h))
     _combine_kernel[grid](
         pair_out, out, T, H, pair_out.stride(0), pair_out.stride(1), out.stride(0),
-        TOP_K=top_k, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,
+        TOP_K=top_k, ACCUMULATE=accumulate, BLOCK_T=block_t, BLOCK_H=block_h, num_warps=4,
     )  # fmt: skip
     return out
 
