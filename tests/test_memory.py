@@ -135,7 +135,7 @@ def test_experts_estimates_bound_what_is_allocated(T, H, D, E, k, S, dtype):
 def test_recompute_estimates_bound_what_is_allocated(T, H, D, E, k, S, dtype, band, monkeypatch):
     # The recomputing backward: nothing saved beyond the plan and weights; its workspace is
     # per band of D (bands of 16 split D = 24 and 64 into several).
-    monkeypatch.setattr(experts_autograd_module, "RECOMPUTE_BAND", band)
+    monkeypatch.setattr(experts_autograd_module, "RECOMPUTE_MIN_BAND", band)
     x, expert_ids, expert_weights, gate_up, down = experts_inputs(T, H, D, E, k, S, dtype)
     leaves = [t.clone().requires_grad_() for t in (x, expert_weights, gate_up, down)]
 

@@ -189,7 +189,7 @@ def test_second_backward_raises():
 def test_recompute_matches_torch_autograd(T, H, D, E, S, k, choices, dtype, monkeypatch):
     # Nothing saved, the backward recomputes the pre-activations band by band over D: bands of
     # 16 columns here, so D = 24 makes two (16 + 8) and every gradient sums over both.
-    monkeypatch.setattr(experts_autograd_module, "RECOMPUTE_BAND", 16)
+    monkeypatch.setattr(experts_autograd_module, "RECOMPUTE_MIN_BAND", 16)
     inputs = make_inputs(T, H, D, E, S, k, dtype, choices=choices, seed=T + H + E)
     grad_out = torch.randn(T, H, generator=torch.Generator().manual_seed(T), device=DEVICE)
 
@@ -224,7 +224,10 @@ def test_recompute_allows_a_second_backward():
 
 
 def test_expert_bands_cover_D(monkeypatch):
-    monkeypatch.setattr(experts_autograd_module, "RECOMPUTE_BAND", 16)
-    assert experts_autograd_module._expert_bands(40) == [(0, 16), (16, 32), (32, 40)]
-    assert experts_autograd_module._expert_bands(16) == [(0, 16)]
-    assert experts_autograd_module._expert_bands(0) == []
+    bands = experts_autograd_module._expert_bands
+    assert bands(14336) == [(i * 1792, (i + 1) * 1792) for i in range(8)]  # Mixtral: 8 bands
+    assert bands(2048) == [(0, 1024), (1024, 2048)] and bands(768) == [(0, 768)]
+    monkeypatch.setattr(experts_autograd_module, "RECOMPUTE_MIN_BAND", 16)
+    assert bands(40) == [(0, 16), (16, 32), (32, 40)]
+    assert bands(16) == [(0, 16)] and bands(0) == []
+    assert len(bands(1000)) == 8

@@ -312,15 +312,19 @@ def _backward_recomputing(ctx, d_out):
     return d_x, None, d_weights, d_gate_up, d_down, None, None, None, None, None
 
 
-# Expert columns per band of a recomputing backward: its workspace is about
-# P (3 band + min(H, max(2 band, 1024))) bytes an element, plus T H float32.
-RECOMPUTE_BAND = 1024
+# Bands of a recomputing backward: at least RECOMPUTE_MIN_BAND expert columns, at most
+# RECOMPUTE_MAX_BANDS of them. Its workspace is about P (4 band + min(H, max(2 band, 1024)))
+# elements plus T H float32; each band costs about fifteen launches, whose host time showed
+# on the H100 with Mixtral's 14 bands of 1024 (benchmarks/results/moe-train-h100-2026-11-25-66eef4f).
+RECOMPUTE_MIN_BAND = 1024
+RECOMPUTE_MAX_BANDS = 8
 
 
 def _expert_bands(D: int) -> list[tuple[int, int]]:
-    """``[first, last)`` ranges splitting the expert width ``D`` into bands of at most
-    :data:`RECOMPUTE_BAND` columns."""
-    return [(first, min(first + RECOMPUTE_BAND, D)) for first in range(0, D, RECOMPUTE_BAND)]
+    """``[first, last)`` ranges splitting the expert width ``D`` into bands (see
+    :data:`RECOMPUTE_MIN_BAND`)."""
+    width = max(RECOMPUTE_MIN_BAND, -(-D // RECOMPUTE_MAX_BANDS))
+    return [(first, min(first + width, D)) for first in range(0, D, width)]
 
 
 def _column_bands(H: int, D: int) -> list[tuple[int, int]]:
