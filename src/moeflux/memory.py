@@ -266,14 +266,15 @@ def _mib(n: float) -> str:
 def per_token_table() -> list[list[str]]:
     """The rows of docs/memory.md's table for the Triton experts: per token (KiB, averaged
     over ``T`` tokens) the inference forward, the training forward's peak and what it saves,
-    the backward's peak; and the backward's fixed part (MiB: the weight gradients)."""
+    the backward's peak, the recomputing backward's peak (``recompute=True``, whose forward
+    is the inference one); and the backward's fixed part (MiB: the weight gradients)."""
     rows = []
     for name, T, H, D, E, k, S, dtype in LAYER_SHAPES:
         def forward(t, training=False):
             return experts_forward_bytes(t, H, D, k, E, S, dtype, training=training)
 
-        def backward(t):
-            return experts_backward_bytes(t, H, D, k, E, S, dtype).peak
+        def backward(t, recompute=False):
+            return experts_backward_bytes(t, H, D, k, E, S, dtype, recompute=recompute).peak
 
         rows.append([
             name, str(T), str(dtype).removeprefix("torch."),
@@ -281,6 +282,7 @@ def per_token_table() -> list[list[str]]:
             _kib(per_token_bytes(lambda t: forward(t, True).peak, T)),
             _kib(per_token_bytes(lambda t: forward(t, True).saved, T)),
             _kib(per_token_bytes(backward, T)),
+            _kib(per_token_bytes(lambda t: backward(t, True), T)),
             _mib(backward(0)),
         ])  # fmt: skip
     return rows

@@ -36,6 +36,15 @@ raises instead of reading gradients as pre-activations. ``dx``'s pair-order rows
 band of at most ``max(2D, 1024)`` columns at a time, so that buffer is no larger than ``pre``
 (``[P, 2D]``). The backward's peak beyond its outputs is then about ``P (2D + min(H, 2D)) b``
 bytes, e.g. 0.49x of a ``torch._grouped_mm`` autograd step's on the competition's T = 8192.
+
+``recompute=True`` saves no pre-activations: the forward is the inference one (SwiGLU in the
+gate|up GEMM's epilogue) and the backward runs the steps above band by band over ``D``
+(columns ``[d0, d1)`` of gate and of up, rows ``[d0, d1)`` of ``W_down``), recomputing each
+band's ``pre`` with two plain GEMMs. ``dw`` and ``dx`` are sums over bands: ``dw`` in float32,
+``dx`` through a float32 ``[T, H]`` sum that each band's scattered rows are combined into. The
+weight gradients of a band are written in place into slices of the full gradients. Workspace:
+a band's ``pre``, ``g`` (and its scaled copy) and scattered ``dx`` rows, instead of the saved
+``[P, 2D]``; cost: the gate|up GEMM once more and the launches of every band.
 """
 
 from __future__ import annotations

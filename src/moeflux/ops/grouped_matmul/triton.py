@@ -1,10 +1,12 @@
 """The grouped matmul kernel family: ``out[rows(e)] = in[gather(rows(e))] @ W[e]``.
 
 One kernel, four constexpr switches (``GATHER``, ``SWIGLU``, ``SCALE``, ``SCATTER``), so every
-variant shares one main loop. A program owns one ``[BLOCK_M, BLOCK_N]`` output tile: row tile
-``i_m`` of the plan's tile schedule (rows of a single expert) times column tile ``i_n``. The
-grid's M extent is the host-known bound ``max_tiles``; programs past the device-side tile
-count exit at once, so nothing is read back to the host.
+variant shares one main loop (``_grouped_matmul_tile``). A tile is ``[BLOCK_M, BLOCK_N]`` of the
+output: row tile ``i_m`` of the plan's tile schedule (rows of a single expert) times column
+tile ``i_n``. By default a program owns one tile: the grid's M extent is the host-known bound
+``max_tiles``, and programs past the device-side tile count exit at once, so nothing is read
+back to the host. ``PERSISTENT``: one program per multiprocessor walks the tiles up to the
+device-side count instead.
 
 The weights are read in place through a :class:`WeightTable`: expert ``e``'s matrix starts at
 the address ``w_addresses[e]`` (its up matrix, with ``SWIGLU``, at ``w_up_addresses[e]``), has
@@ -18,10 +20,14 @@ Triton vectorises along a dimension it knows to be contiguous.
 
 Without ``GATHER`` the input rows of a tile are consecutive, so ``X_TMA`` loads them through a
 TMA tensor descriptor (Hopper's bulk tensor copy engine) instead of per-thread pointers:
-measured up to 1.1x faster on the H100 for the down projection
-(``benchmarks/tma_probe_gpu.py``), where the weights through descriptors and a persistent grid
-measured no faster than this kernel and were left out. Rows past the input's end (and
-columns past ``K``) come back as zeros; rows past the tile's end are never stored.
+measured up to 1.1x faster on the H100 for the down projection (``benchmarks/tma_probe_gpu.py``).
+Rows past the input's end (and columns past ``K``) come back as zeros; rows past the tile's
+end are never stored. ``W_TMA`` loads the weight tiles through descriptors built on the device
+per tile from the table (so separate per-expert tensors work too; Triton takes their scratch
+memory from the allocator installed by ``_ensure_descriptor_allocator``). With both operands
+through TMA the persistent loop is flattened, so a tile's epilogue overlaps the next tile's
+loads. Which GEMMs use which mode is :func:`moeflux.ops.grouped_matmul.heuristic_config`'s
+choice, from ``benchmarks/gemm_gap_probe_gpu.py``.
 
 Rows are addressed with int64 offsets (``P * H`` passes 2^31 in large batches, e.g. 70k
 tokens x 4 slots x H = 8192). Loads in the K loop are unmasked in M and N: rows past the
