@@ -270,13 +270,12 @@ def select_config(
         tuned = tuned_config(_gpu_family(device), dtype, swiglu, N, K, rows_per_expert)
         if tuned is not None:
             return tuned
-    return heuristic_config(rows_per_expert, N, K, dtype, swiglu=swiglu, gather=gather, column_major=column_major)
+    return heuristic_config(rows_per_expert, N, K, dtype, swiglu=swiglu, gather=gather)
 
 
 def heuristic_config(
-    rows_per_expert: int, N: int, K: int, dtype: torch.dtype, *, swiglu: bool, gather: bool = False,
-    column_major: bool = False,
-) -> GroupedMatmulConfig:  # fmt: skip
+    rows_per_expert: int, N: int, K: int, dtype: torch.dtype, *, swiglu: bool, gather: bool = False
+) -> GroupedMatmulConfig:
     """:func:`select_config`'s rule for shapes the committed table does not list."""
     if rows_per_expert <= 16:
         block_m = 16
