@@ -19,12 +19,14 @@ wrong or missing term (an error of the size of the terms) still fails.
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
+import moeflux.ops.experts.autograd as experts_autograd_module
 from moeflux.ops.experts.autograd import experts_autograd
 from moeflux.ops.experts.naive import experts_torch
 from moeflux.ops.experts.triton import experts_triton
@@ -110,8 +112,8 @@ def reference(inputs, grad_out):
 
 
 @examples(40)
-@given(problems(), st.lists(st.booleans(), min_size=4, max_size=4), st.booleans())
-def test_experts_match_float64(problem, needs_grad, small_configs):
+@given(problems(), st.lists(st.booleans(), min_size=4, max_size=4), st.booleans(), st.booleans())
+def test_experts_match_float64(problem, needs_grad, small_configs, recompute):
     inputs, grad_out, layout = problem
     x, expert_ids, expert_weights, gate_up, down, E = inputs
     dtype = x.dtype
@@ -119,9 +121,11 @@ def test_experts_match_float64(problem, needs_grad, small_configs):
     configs = dict(gemm_config=SMALL, weight_grad_config=SMALL_WG) if small_configs else {}
     forward_configs = dict(gate_up_config=SMALL, down_config=SMALL) if small_configs else {}
 
-    with poisoned_allocations():
+    # recompute: the backward in bands of 8 expert columns, so most draws of D make several.
+    with poisoned_allocations(), mock.patch.object(experts_autograd_module, "RECOMPUTE_MIN_BAND", 8):
         if any(needs_grad):
-            triton = results(lambda *a: experts_autograd(*a, **configs), inputs, grad_out, needs_grad)
+            triton = results(lambda *a: experts_autograd(*a, recompute=recompute, **configs), inputs, grad_out,
+                             needs_grad)  # fmt: skip
         else:
             triton = results(lambda *a: experts_triton(*a, **forward_configs), inputs, grad_out, needs_grad)
     torch_path = results(experts_torch, inputs, grad_out, needs_grad)

@@ -54,7 +54,7 @@ configs = st.one_of(
     st.none(),
     st.builds(GroupedMatmulConfig, block_m=st.sampled_from([16, 32]), block_n=st.sampled_from([16, 32]),
               block_k=st.sampled_from([16, 32]), group_m=st.sampled_from([1, 2, 8]), num_warps=st.just(4),
-              num_stages=st.just(2)),
+              num_stages=st.just(2), weight_tma=st.booleans(), persistent=st.booleans()),
 )  # fmt: skip
 
 
