@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import subprocess
@@ -82,6 +83,15 @@ def git_commit() -> str | None:
         return result.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def run_info(gpu: str) -> dict:
+    """What every results JSON opens with: the GPU, the torch / triton / CUDA versions, the date
+    (UTC) and the commit measured."""
+    return {
+        "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "git_commit": git_commit(),
+    }  # fmt: skip
 
 
 def pick_device(smoke: bool) -> tuple[torch.device, str] | None:

@@ -32,13 +32,12 @@
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import sys
 import time
 
-from _common import git_commit, graph_replay, pick_device, rel_l2, report_path
+from _common import graph_replay, pick_device, rel_l2, report_path, run_info
 import torch
 import torch.nn.functional as F
 import triton
@@ -585,12 +584,7 @@ def main() -> int:
     print(f"\ncorrectness: {verdict} ({time.perf_counter() - started:.0f} s)\n")
 
     report = {
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
+        **run_info(gpu),
         "checks_ok": checks_ok,
         "checks": checks,
         "copy_bandwidth_GBps": None,

@@ -28,7 +28,6 @@ the torch path (``experts_torch``, ``torch._grouped_mm`` on Hopper).
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
 import importlib.resources
 import json
@@ -38,7 +37,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from _common import capture, git_commit, no_host_sync, pick_device, rel_l2, report_path, time_ms, write_report
+from _common import capture, no_host_sync, pick_device, rel_l2, report_path, run_info, time_ms, write_report
 import torch
 import torch.nn.functional as F
 import triton
@@ -558,12 +557,7 @@ def main() -> int:
     print("\n" + summary)
 
     report = {
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
+        **run_info(gpu),
         "dense_peak_tflops": {dtype_name(d): p for d, p in peaks.items()},
         "checks_ok": checks_ok,
         "checks": checks,

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import datetime
 import importlib.resources
 import json
 import math
@@ -42,7 +41,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
-from _common import git_commit, no_host_sync, pick_device, rel_l2, report_path, time_ms, write_report
+from _common import no_host_sync, pick_device, rel_l2, report_path, run_info, time_ms, write_report
 import torch
 import torch.nn.functional as F
 import triton
@@ -706,9 +705,7 @@ def main() -> int:
     ])  # fmt: skip
     print("\n" + summary)
     report = {
-        "gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(), "dense_peak_tflops_bf16": peak, "checks_ok": checks_ok, "checks": checks,
+        **run_info(gpu), "dense_peak_tflops_bf16": peak, "checks_ok": checks_ok, "checks": checks,
         "results": rows, "geomean_speedup": speedup, "geomean_activation_memory_ratio": memory_ratio,
         "recompute_geomean_speedup": recompute_speedup, "recompute_geomean_activation_memory_ratio": recompute_memory_ratio,
         "weight_grad_sweeps": sweeps, "wall_s": time.perf_counter() - started,

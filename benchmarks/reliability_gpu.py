@@ -45,7 +45,6 @@ Markdown table under ``--out`` and exits 1 if any check fails. On an H100 it tak
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import time
@@ -57,7 +56,7 @@ from unittest import mock
 # cuBLAS workspace; it must be set before the first cuBLAS call.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
-from _common import capture, git_commit, pick_device, rel_l2, report_path, write_report
+from _common import capture, pick_device, rel_l2, report_path, run_info, write_report
 import torch
 import torch.nn.functional as F
 import triton
@@ -691,12 +690,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{sum(r['ok'] is None for r in results)} skipped"
     )
     report = {
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
+        **run_info(gpu),
         "smoke": args.smoke,
         "checks_ok": ok,
         "checks": results,

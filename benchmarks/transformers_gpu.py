@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import importlib
 import math
 import os
@@ -41,7 +40,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
-from _common import git_commit, pick_device, rel_l2, report_path, time_ms, write_report
+from _common import pick_device, rel_l2, report_path, run_info, time_ms, write_report
 import torch
 import transformers
 import triton
@@ -440,10 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     ])  # fmt: skip
     print("\n" + summary)
     report = {
-        "gpu": gpu, "torch": torch.__version__, "transformers": transformers.__version__,
-        "triton": triton.__version__, "cuda": torch.version.cuda,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(), "smoke": args.smoke, "ratio_target": RATIO_TARGET, "floor": FLOOR,
+        **run_info(gpu), "transformers": transformers.__version__, "smoke": args.smoke, "ratio_target": RATIO_TARGET, "floor": FLOOR,
         "checks_ok": checks_ok, "checks": checks, "timing": rows, "geomean_speedup": speedups,
         "wall_s": time.perf_counter() - started,
     }  # fmt: skip

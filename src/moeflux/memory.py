@@ -122,12 +122,10 @@ def experts_backward_bytes(
     d_down, d_gate_up = E_all * D * H * b, 2 * E_all * H * D * b
     d_x, d_weights = T * H * b, 4 * T * top_k
     d_pair_weights = 4 * P
-    from moeflux.ops.experts.autograd import _column_bands  # noqa: PLC0415 - it imports this module
+    from moeflux.ops.experts.autograd import _column_bands, _expert_bands  # noqa: PLC0415 - it imports this module
 
     tables = 5 * 8 * E_all  # the transposed weights' address tables (int64)
     if recompute:
-        from moeflux.ops.experts.autograd import _expert_bands  # noqa: PLC0415
-
         widths = [last - first for first, last in _expert_bands(D)] or [0]
         bands = [max((b_ - a_ for a_, b_ in _column_bands(H, w)), default=0) for w in widths]
         per_band = max(P * b * max(4 * w, 2 * w + h_band) for w, h_band in zip(widths, bands))

@@ -80,6 +80,17 @@ def poisoned_allocations() -> Iterator[None]:
 LAYOUTS = ("contiguous", "column-strided", "offset", "transposed")
 
 
+def check_within(name, actual, expected, scale, tolerance: float) -> None:
+    """``actual`` has ``expected``'s shape, no NaN (unwritten memory), and an error norm against
+    the float64 ``expected`` at most ``tolerance`` times ``scale``'s norm (the magnitude the
+    rounding works on, e.g. a product of absolute values)."""
+    assert actual.shape == expected.shape, name
+    assert not actual.isnan().any(), f"{name}: NaN (unwritten memory?)"
+    error = float((actual.double() - expected).norm())
+    bound = tolerance * float(scale.norm())
+    assert error <= bound, f"{name}: error {error:.3e} above {bound:.3e}"
+
+
 def laid_out(tensor: torch.Tensor, layout: str) -> torch.Tensor:
     """A view of a copy of 2-D ``tensor`` (same values) in another memory layout:
 

@@ -32,7 +32,9 @@ from moeflux.ops.experts.naive import experts_torch
 from moeflux.ops.experts.triton import experts_triton
 from moeflux.ops.grouped_matmul import GroupedMatmulConfig
 from moeflux.ops.grouped_matmul.weight_grad import WeightGradConfig
-from tests.properties.support import examples, float_dtypes, laid_out, layouts, poisoned_allocations, token_counts
+from tests.properties.support import (
+    check_within, examples, float_dtypes, laid_out, layouts, poisoned_allocations, token_counts,
+)
 
 SMALL = GroupedMatmulConfig(block_m=16, block_n=16, block_k=16, group_m=2, num_warps=4, num_stages=2)
 SMALL_WG = WeightGradConfig(block_k=16, block_n=16, block_m=16, num_warps=4, num_stages=2)
@@ -91,14 +93,6 @@ def problems(draw):
     return (x, expert_ids, expert_weights, gate_up, down, E), grad_out, draw(layouts)
 
 
-def check(name, actual, expected, scale, dtype):
-    assert actual.shape == expected.shape, name
-    assert not actual.isnan().any(), f"{name}: NaN (unwritten memory?)"
-    error = float((actual.double() - expected).norm())
-    bound = TOLERANCE[dtype] * float(scale.norm())
-    assert error <= bound, f"{name}: error {error:.3e} above {bound:.3e}"
-
-
 def reference(inputs, grad_out):
     """The float64 results, and the same on the absolute values of every input (the scale)."""
     x, expert_ids, expert_weights, gate_up, down, num_routed = inputs
@@ -136,8 +130,8 @@ def test_experts_match_float64(problem, needs_grad, small_configs, recompute):
             continue
         want_dtype = torch.float32 if name == "expert_weights" else dtype
         assert triton[i].dtype == torch_path[i].dtype == want_dtype, name
-        check(f"triton {name}", triton[i], expected[i], scale[i], dtype)
-        check(f"torch {name}", torch_path[i], expected[i], scale[i], dtype)
+        check_within(f"triton {name}", triton[i], expected[i], scale[i], TOLERANCE[dtype])
+        check_within(f"torch {name}", torch_path[i], expected[i], scale[i], TOLERANCE[dtype])
 
     # Experts no token picked: exactly zero weight gradients, on both paths.
     unused = torch.ones(E + down.shape[0] - E, dtype=torch.bool)

@@ -23,7 +23,9 @@ from hypothesis import strategies as st
 
 from moeflux.ops.flash_expert import flash_expert
 from moeflux.ops.flash_expert import triton as kernels
-from tests.properties.support import examples, float_dtypes, laid_out, poisoned_allocations, token_counts, widths
+from tests.properties.support import (
+    check_within, examples, float_dtypes, laid_out, poisoned_allocations, token_counts, widths,
+)
 
 TOLERANCE = {torch.float32: 2e-6, torch.float16: 5e-3, torch.bfloat16: 4e-2}
 NAMES = ("out", "hidden", "down", "up", "routing_weights")
@@ -78,14 +80,6 @@ def reference(inputs, grad_out):
     return both
 
 
-def check(name, actual, expected, scale, dtype):
-    assert actual.shape == expected.shape, name
-    assert not actual.isnan().any(), f"{name}: NaN (unwritten memory?)"
-    error = float((actual.double() - expected).norm())
-    bound = TOLERANCE[dtype] * float(scale.norm())
-    assert error <= bound, f"{name}: error {error:.3e} above {bound:.3e}"
-
-
 @examples(100)
 @given(problems(), st.lists(st.booleans(), min_size=4, max_size=4), st.sampled_from(["torch", "triton"]),
        st.booleans(), st.booleans(), st.booleans())  # fmt: skip
@@ -105,7 +99,7 @@ def test_flash_expert_matches_float64(problem, needs_grad, backend, deterministi
     for i, name in enumerate(NAMES):
         if actual[i] is not None:
             assert actual[i].dtype == wanted_dtypes[i], name
-            check(f"{backend} {name}", actual[i], expected[i], scale[i], dtype)
+            check_within(f"{backend} {name}", actual[i], expected[i], scale[i], TOLERANCE[dtype])
     # Pool rows nobody picked: exactly zero gradient.
     unused = torch.ones(down.shape[0], dtype=torch.bool)
     unused[indices.flatten().long()] = False
