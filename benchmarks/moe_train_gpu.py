@@ -33,6 +33,7 @@ ratio checks fail by design: Triton 3.6's interpreter truncates float32 -> bfloa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib.resources
 import json
@@ -402,6 +403,14 @@ def weight_grad_candidates(smoke: bool) -> list[WeightGradConfig]:
         C(128, 128, 64, 8, 4),
         C(128, 128, 32, 8, 5),
         C(128, 128, 64, 4, 3),
+        # The sorted operand through TMA descriptors bounded at the expert's rows; the dW
+        # tiles stored through one as well.
+        C(128, 256, 64, 8, 3, sorted_tma=True),
+        C(128, 256, 64, 8, 3, sorted_tma=True, out_tma=True),
+        C(128, 256, 64, 8, 4, sorted_tma=True, out_tma=True),
+        C(128, 128, 64, 4, 3, sorted_tma=True),
+        C(128, 128, 64, 4, 3, sorted_tma=True, out_tma=True),
+        C(128, 128, 64, 4, 4, sorted_tma=True, out_tma=True),
     ]
 
 
@@ -432,7 +441,12 @@ def relative_difference(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return math.sqrt(num / max(den, 1e-30))
 
 
-def sweep_weight_grad(shape: Shape, device: torch.device, smoke: bool, deadline: float) -> dict:
+def tma_variants(config: WeightGradConfig) -> list[WeightGradConfig]:
+    """``config`` with its sorted operand through TMA, and its output too (``--sweep-set tma``)."""
+    return [dataclasses.replace(config, sorted_tma=True), dataclasses.replace(config, sorted_tma=True, out_tma=True)]
+
+
+def sweep_weight_grad(shape: Shape, device: torch.device, smoke: bool, deadline: float, only_tma: bool = False) -> dict:
     """The weight-gradient configs of :func:`weight_grad_candidates` on the two launches of
     ``shape``, after ``select_weight_grad_config``'s pick (the ``default``); none started after
     ``deadline`` (``time.perf_counter()``). Each output is compared with the default's
@@ -456,7 +470,8 @@ def sweep_weight_grad(shape: Shape, device: torch.device, smoke: bool, deadline:
     for name, (run, flops, (K, N)) in launches.items():
         default = select_weight_grad_config(K, N, x.dtype, rows_per_expert=rows_per_expert)
         configs = []
-        for config in [default, *weight_grad_candidates(smoke)]:
+        candidates = tma_variants(default) if only_tma else weight_grad_candidates(smoke)
+        for config in [default, *candidates]:
             if same_kernel(config, configs, scaled=name in SCALED_LAUNCHES) is None:
                 configs.append(config)
         entries, expected = [], None
@@ -488,14 +503,17 @@ def sweep_weight_grad(shape: Shape, device: torch.device, smoke: bool, deadline:
 
 def config_text(config: dict) -> str:
     """``WeightGradConfig(...)`` as it would be written in the source."""
-    fields = [f"{k}={v}" for k, v in config.items() if k not in ("prefetch_rows", "prescale") or v is not True]
+    defaults = {"prefetch_rows": True, "prescale": True, "sorted_tma": False, "out_tma": False}
+    fields = [f"{k}={v}" for k, v in config.items() if k not in defaults or v != defaults[k]]
     return f"WeightGradConfig({', '.join(fields)})"
 
 
 def config_short(config: dict) -> str:
-    """``128x256x64 w8 s4`` (+ ``former``: prefetch_rows off, ``in-reg``: prescale off)."""
+    """``128x256x64 w8 s4`` (+ ``former``: prefetch_rows off, ``in-reg``: prescale off, ``tma`` /
+    ``out-tma``: sorted operand / output through TMA)."""
     text = f"{config['block_k']}x{config['block_n']}x{config['block_m']} w{config['num_warps']} s{config['num_stages']}"
-    return text + ("" if config["prefetch_rows"] else " former") + ("" if config["prescale"] else " in-reg")
+    text += ("" if config["prefetch_rows"] else " former") + ("" if config["prescale"] else " in-reg")
+    return text + (" tma" if config.get("sorted_tma") else "") + (" out-tma" if config.get("out_tma") else "")
 
 
 def weight_grad_choice(sweeps: list[dict]) -> list[str]:
@@ -625,6 +643,8 @@ def main() -> int:
     parser.add_argument("--only", default=None, help="run only shapes whose name contains this text")
     parser.add_argument("--skip-checks", action="store_true")
     parser.add_argument("--skip-sweep", action="store_true")
+    parser.add_argument("--sweep-set", choices=("all", "tma"), default="all",
+                        help="weight-gradient configs to sweep: the candidate list, or the default's TMA variants")
     args = parser.parse_args()
     started = time.perf_counter()
     picked = pick_device(args.smoke)
@@ -656,7 +676,8 @@ def main() -> int:
         if args.skip_sweep or time.perf_counter() - started > BUDGET_S:
             break
         try:
-            sweeps.append(sweep_weight_grad(shape, device, args.smoke, started + BUDGET_S + 60))
+            sweeps.append(sweep_weight_grad(shape, device, args.smoke, started + BUDGET_S + 60,
+                                            only_tma=args.sweep_set == "tma"))  # fmt: skip
         except Exception as error:
             sweeps.append({"shape": shape.name, "error": error_text(error)})
         free_memory()

@@ -194,6 +194,23 @@ def test_weight_table_fields():
         WeightTable.from_stacked(weight[:, ::2, ::2])
 
 
+def test_stacked_tables_are_reused_only_for_the_same_layout():
+    # The device table of a stacked weight is kept and handed out again for the same
+    # addresses and strides; any other view (or weight) gets its own, with its own addresses.
+    weight = torch.zeros(3, 16, 2 * 24, dtype=torch.float16, device=DEVICE)
+    table = WeightTable.from_stacked(weight, swiglu=True)
+    again = WeightTable.from_stacked(weight, swiglu=True)
+    assert again.addresses.data_ptr() == table.addresses.data_ptr() and again.tensors[0] is weight
+    others = [WeightTable.from_stacked(weight), WeightTable.from_stacked(weight[:, :, 24:], swiglu=False),
+              WeightTable.from_stacked(weight.transpose(1, 2)), WeightTable.from_stacked(weight[1:], swiglu=True),
+              WeightTable.from_stacked(torch.zeros_like(weight), swiglu=True)]  # fmt: skip
+    for other in others:
+        assert other.addresses.data_ptr() != table.addresses.data_ptr()
+    assert others[1].addresses.tolist() == [[weight.data_ptr() + (e * 16 * 48 + 24) * 2 for e in range(3)]]
+    assert others[3].addresses.tolist() == table.addresses[:, 1:].tolist()
+    assert others[2].leading_strides.tolist() == [48] * 3 and others[2].column_major
+
+
 def test_table_mismatches_are_rejected():
     plan, tokens, _, weight, _ = make_problem(5, 2, 3, 0, 16, 16, torch.float32, swiglu=True)
     gate_up = WeightTable.from_stacked(weight, swiglu=True)

@@ -28,6 +28,8 @@ from moeflux.ops.grouped_matmul.weight_grad import (
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 SMALL = WeightGradConfig(block_k=16, block_n=16, block_m=16, num_warps=4, num_stages=2)  # scale by a separate pass
 IN_KERNEL = WeightGradConfig(block_k=16, block_n=16, block_m=16, num_warps=4, num_stages=2, prescale=False)
+# Sorted operands loaded and dW tiles stored through TMA descriptors (the interpreter runs them).
+TMA = dataclasses.replace(SMALL, sorted_tma=True, out_tma=True)
 # Against float64; half precision rounds a scaled operand to its dtype before the MMA.
 TOLERANCE = {torch.float32: 1e-6, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -119,6 +121,20 @@ def test_half_precision(dtype):
             out = run(a, b, plan, a_rows, b_rows, scale, config)
             assert out.dtype == dtype
             assert rel_l2(out, reference(a, b, plan, a_rows, b_rows, scale)) < TOLERANCE[dtype]
+
+
+def test_tma_falls_back_where_the_layout_does_not_allow_it():
+    # Output slices of a wider tensor (a band of a recomputing backward) and operands whose
+    # rows are not 16-byte multiples take pointer loads and stores, with the same result.
+    plan, operands, row_scale = make_problem(17, 2, 4, 1, 40, 24, torch.float32, seed=10)
+    a, b = operands["sorted"][0], operands["tokens"][1]
+    expected = reference(a, b, plan, "sorted", "tokens", row_scale)
+    wide = torch.full((plan.num_experts, 40, 30), float("nan"), device=DEVICE)
+    grouped_weight_grad(a, b, plan, b_rows="tokens", row_scale=row_scale, config=TMA, out=wide[:, :, 3:27])
+    assert rel_l2(wide[:, :, 3:27], expected) < TOLERANCE[torch.float32] and wide[:, :, :3].isnan().all()
+    odd = torch.randn(a.shape[0], 37, device=DEVICE)  # 148-byte rows
+    out = run(odd, b, plan, "sorted", "tokens", row_scale, dataclasses.replace(TMA, prescale=False))
+    assert rel_l2(out, reference(odd, b, plan, "sorted", "tokens", row_scale)) < TOLERANCE[torch.float32]
 
 
 def test_one_expert_takes_all_and_other_blocks():
@@ -234,7 +250,9 @@ def test_variants_agree_bitwise(a_rows, b_rows, dtype):
         base = run(a, b, plan, a_rows, b_rows, scale, IN_KERNEL)
         former = run(a, b, plan, a_rows, b_rows, scale, dataclasses.replace(IN_KERNEL, prefetch_rows=False))
         assert torch.equal(base, former)
+        assert torch.equal(base, run(a, b, plan, a_rows, b_rows, scale, dataclasses.replace(TMA, prescale=False)))
         prescaled = run(a, b, plan, a_rows, b_rows, scale, SMALL)
+        assert torch.equal(prescaled, run(a, b, plan, a_rows, b_rows, scale, TMA))
         if scale is None or a_rows != "tokens" or b_rows == "tokens":
             assert torch.equal(base, prescaled)
         else:
@@ -244,8 +262,8 @@ def test_variants_agree_bitwise(a_rows, b_rows, dtype):
 
 
 @pytest.mark.parametrize("config", [IN_KERNEL, dataclasses.replace(IN_KERNEL, prefetch_rows=False),
-                                    WeightGradConfig(32, 16, 64, 4, 3)],
-                         ids=["prefetch", "former", "block_m64-prescale"])  # fmt: skip
+                                    WeightGradConfig(32, 16, 64, 4, 3), TMA],
+                         ids=["prefetch", "former", "block_m64-prescale", "tma"])  # fmt: skip
 @pytest.mark.parametrize("a_rows, b_rows", [("sorted", "sorted"), ("sorted", "tokens"), ("pairs", "sorted")])
 def test_poisoned_neighbour_rows(config, a_rows, b_rows):
     # Every operand row read by expert 2 is NaN: its dW is NaN, and the other experts, whose

@@ -27,6 +27,7 @@ import functools
 import importlib.resources
 import json
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -118,7 +119,8 @@ class WeightTable:
         (unit stride along ``K`` or ``N``).
 
         Built on the weight's device from its data pointer and strides alone: two or three
-        tiny launches, no host sync, so it can be captured in a CUDA graph.
+        tiny launches, no host sync, so it can be captured in a CUDA graph. The device table
+        is reused by later calls on the same stream with the same addresses and strides.
         """
         if weight.dim() != 3 or (swiglu and weight.shape[2] % 2 != 0):
             raise ValueError(
@@ -131,13 +133,7 @@ class WeightTable:
         step = weight.stride(0) * itemsize
         # The up half starts N columns to the right of the gate half.
         first = [weight.data_ptr()] + ([weight.data_ptr() + cols * weight.stride(2) * itemsize] if swiglu else [])
-        table = torch.empty(len(first) + 1, num_experts, device=weight.device, dtype=torch.int64)
-        for row, address in zip(table, first):
-            if step == 0:  # one matrix broadcast to every expert
-                row.fill_(address)
-            else:
-                torch.arange(address, address + num_experts * step, step, out=row)
-        table[-1].fill_(leading)
+        table = _stacked_table(tuple(first), step, leading, num_experts, weight.device)
         return cls(
             addresses=table[:-1], leading_strides=table[-1], column_major=column_major, rows=rows, cols=cols,
             dtype=weight.dtype, align=_alignment([*first, step, leading * itemsize]), tensors=(weight,),
@@ -189,6 +185,42 @@ class WeightTable:
             dtype=dtype, align=_alignment([*sum(addresses, []), *(s * itemsize for s in leading_strides)]),
             tensors=tuple(matrix for expert in matrices for matrix in expert),
         )  # fmt: skip
+
+
+# Tables of stacked weights, kept for reuse: building one takes two or three tiny launches,
+# and a training step reads five (the backward's transposed views too), whose host time
+# showed in the small steps of Qwen3-30B-A3B (benchmarks/results/host-overhead-*). The key is
+# everything the table holds, plus the stream whose launches filled it (another stream could
+# read it before they ran); tables are neither reused nor kept during a CUDA graph capture,
+# whose launches run only at replay.
+_STACKED_TABLES: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+_MAX_STACKED_TABLES = 64
+
+
+def _stacked_table(
+    first: tuple[int, ...], step: int, leading: int, num_experts: int, device: torch.device
+) -> torch.Tensor:
+    """``[len(first) + 1, E']`` int64: row ``m`` holds ``first[m] + e * step``, the last row
+    ``leading``."""
+    is_cuda = device.type == "cuda"
+    capturing = is_cuda and torch.cuda.is_current_stream_capturing()
+    key = (device, torch.cuda.current_stream(device).stream_id if is_cuda else None, first, step, leading, num_experts)
+    table = None if capturing else _STACKED_TABLES.get(key)
+    if table is not None:
+        _STACKED_TABLES.move_to_end(key)
+        return table
+    table = torch.empty(len(first) + 1, num_experts, device=device, dtype=torch.int64)
+    for row, address in zip(table, first):
+        if step == 0:  # one matrix broadcast to every expert
+            row.fill_(address)
+        else:
+            torch.arange(address, address + num_experts * step, step, out=row)
+    table[-1].fill_(leading)
+    if not capturing:
+        _STACKED_TABLES[key] = table
+        while len(_STACKED_TABLES) > _MAX_STACKED_TABLES:
+            _STACKED_TABLES.popitem(last=False)
+    return table
 
 
 def _raise_first_mismatch(matrices, shape, dtype, device, column_major: bool, rows: int, cols: int) -> None:
@@ -273,6 +305,7 @@ def select_config(
     return heuristic_config(rows_per_expert, N, K, dtype, swiglu=swiglu, gather=gather)
 
 
+@functools.lru_cache(maxsize=256)
 def heuristic_config(
     rows_per_expert: int, N: int, K: int, dtype: torch.dtype, *, swiglu: bool, gather: bool = False
 ) -> GroupedMatmulConfig:

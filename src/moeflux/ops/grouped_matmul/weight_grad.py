@@ -42,14 +42,16 @@ it).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moeflux.ops.dispatch import DispatchPlan
-from moeflux.ops.grouped_matmul.triton import _dot, _input_precision
+from moeflux.ops.grouped_matmul.triton import _dot, _ensure_descriptor_allocator, _has_copy_engine, _input_precision
 
 ROW_ORDERS = ("sorted", "tokens", "pairs")
 
@@ -71,6 +73,12 @@ class WeightGradConfig:
             extra memory for the call), then run the unscaled kernel; off (or with two
             ``"tokens"`` operands) the kernel scales ``a`` in registers each step. Scaling
             ``a`` either way gives equal bits.
+        sorted_tma: load an operand in sorted order (``"sorted"`` rows, or the scaled copy of
+            ``prescale``) through a TMA descriptor built on the device over its expert's rows,
+            so the copy engine zero-fills past the expert's end (GPUs with TMA; pointer loads
+            otherwise or when the layout does not allow it).
+        out_tma: store the ``dW[e]`` tiles through a TMA descriptor of ``out`` (contiguous
+            output with 16-byte rows; a pointer store otherwise).
     """
 
     block_k: int = 128
@@ -80,12 +88,15 @@ class WeightGradConfig:
     num_stages: int = 4
     prefetch_rows: bool = True
     prescale: bool = True
+    sorted_tma: bool = False
+    out_tma: bool = False
 
 
 # Mean rows per expert from which the 128 x 256 tile is taken (16-bit dtypes).
 WIDE_TILE_MIN_ROWS = 512
 
 
+@functools.lru_cache(maxsize=256)
 def select_weight_grad_config(
     K: int, N: int, dtype: torch.dtype, *, rows_per_expert: float | None = None
 ) -> WeightGradConfig:
@@ -147,6 +158,9 @@ def _weight_grad_kernel(
     stride_out_n,
     GATHER_A: tl.constexpr,
     GATHER_B: tl.constexpr,
+    A_TMA: tl.constexpr,  # a (in sorted order) through a device-built descriptor over the expert's rows
+    B_TMA: tl.constexpr,
+    OUT_TMA: tl.constexpr,  # out_ptr is a host-built [E', K, N] descriptor
     A_DIVISOR: tl.constexpr,  # src_a(r) = sorted_to_pair[r] // A_DIVISOR when GATHER_A (k' or 1)
     B_DIVISOR: tl.constexpr,
     SCALE: tl.constexpr,
@@ -174,6 +188,15 @@ def _weight_grad_kernel(
     m_k = o_k < K
     m_n = o_n < N
     INDEXED: tl.constexpr = GATHER_A or GATHER_B or SCALE
+    # Descriptors bounded at the expert's last row: the copy engine zero-fills the rows past
+    # it, as the masked pointer loads do (an empty expert's is never read; its extent is 1).
+    num_rows = tl.maximum(row_end - row_start, 1)
+    if A_TMA:
+        a_desc = tl.make_tensor_descriptor(a_ptr + row_start.to(tl.int64) * stride_a_m, [num_rows, K],
+                                           [stride_a_m, 1], [BLOCK_M, BLOCK_K])  # fmt: skip
+    if B_TMA:
+        b_desc = tl.make_tensor_descriptor(b_ptr + row_start.to(tl.int64) * stride_b_m, [num_rows, N],
+                                           [stride_b_m, 1], [BLOCK_M, BLOCK_N])  # fmt: skip
     b_acc = tl.zeros([BLOCK_K, BLOCK_N], dtype=tl.float32)
     o_r = row_start + tl.arange(0, BLOCK_M)  # [BLOCK_M] sorted rows of the step
     if PREFETCH_ROWS:
@@ -181,10 +204,10 @@ def _weight_grad_kernel(
             o_pair = tl.load(sorted_to_pair_ptr + o_r, mask=o_r < row_end, other=0)
         # A sorted operand's pointers advance BLOCK_M rows a step (no per-row address math);
         # int64 steps (a stride of 1 arrives as a constexpr, hence tl.full rather than .to).
-        if not GATHER_A:
+        if not GATHER_A and not A_TMA:
             p_a = a_ptr + o_r[None, :].to(tl.int64) * stride_a_m + o_k[:, None] * stride_a_k
             a_step = tl.full([], BLOCK_M, tl.int64) * stride_a_m
-        if not GATHER_B:
+        if not GATHER_B and not B_TMA:
             p_b = b_ptr + o_r[:, None].to(tl.int64) * stride_b_m + o_n[None, :] * stride_b_n
             b_step = tl.full([], BLOCK_M, tl.int64) * stride_b_m
     for m_start in range(row_start, row_end, BLOCK_M):
@@ -192,9 +215,9 @@ def _weight_grad_kernel(
             o_r = m_start + tl.arange(0, BLOCK_M)
             if INDEXED:
                 o_pair = tl.load(sorted_to_pair_ptr + o_r, mask=o_r < row_end, other=0)
-            if not GATHER_A:
+            if not GATHER_A and not A_TMA:
                 p_a = a_ptr + o_r[None, :].to(tl.int64) * stride_a_m + o_k[:, None] * stride_a_k
-            if not GATHER_B:
+            if not GATHER_B and not B_TMA:
                 p_b = b_ptr + o_r[:, None].to(tl.int64) * stride_b_m + o_n[None, :] * stride_b_n
         m_r = o_r < row_end
         if PREFETCH_ROWS and INDEXED:
@@ -212,7 +235,9 @@ def _weight_grad_kernel(
         # MN-major, which wgmma reads from shared memory as copied (no transpose through
         # registers). Rows past the expert's end load zeros in both operands (a zero times a
         # NaN of the next expert's row would still be NaN).
-        if EVEN_K:
+        if A_TMA:
+            b_a = a_desc.load([m_start - row_start, i_k * BLOCK_K]).T  # [BLOCK_K, BLOCK_M]
+        elif EVEN_K:
             b_a = tl.load(p_a, mask=m_r[None, :], other=0.0)  # [BLOCK_K, BLOCK_M]
         else:
             b_a = tl.load(p_a, mask=m_k[:, None] & m_r[None, :], other=0.0)
@@ -221,7 +246,9 @@ def _weight_grad_kernel(
             # the right one must sit in shared memory as loaded.
             b_scale = tl.load(row_scale_ptr + o_pair, mask=m_r, other=0.0)  # [BLOCK_M]
             b_a = (b_a.to(tl.float32) * b_scale[None, :]).to(a_ptr.dtype.element_ty)
-        if EVEN_N:
+        if B_TMA:
+            b_b = b_desc.load([m_start - row_start, i_n * BLOCK_N])  # [BLOCK_M, BLOCK_N]
+        elif EVEN_N:
             b_b = tl.load(p_b, mask=m_r[:, None], other=0.0)  # [BLOCK_M, BLOCK_N]
         else:
             b_b = tl.load(p_b, mask=m_r[:, None] & m_n[None, :], other=0.0)
@@ -230,13 +257,16 @@ def _weight_grad_kernel(
             o_r += BLOCK_M
             if INDEXED:
                 o_pair = o_pair_next
-            if not GATHER_A:
+            if not GATHER_A and not A_TMA:
                 p_a += a_step
-            if not GATHER_B:
+            if not GATHER_B and not B_TMA:
                 p_b += b_step
 
-    p_out = out_ptr + i_e * stride_out_e + o_k[:, None].to(tl.int64) * stride_out_k + o_n[None, :] * stride_out_n
-    tl.store(p_out, b_acc.to(out_ptr.dtype.element_ty), mask=m_k[:, None] & m_n[None, :])
+    if OUT_TMA:
+        out_ptr.store([i_e.to(tl.int32), i_k * BLOCK_K, i_n * BLOCK_N], b_acc.to(out_ptr.dtype).reshape(1, BLOCK_K, BLOCK_N))
+    else:
+        p_out = out_ptr + i_e * stride_out_e + o_k[:, None].to(tl.int64) * stride_out_k + o_n[None, :] * stride_out_n
+        tl.store(p_out, b_acc.to(out_ptr.dtype.element_ty), mask=m_k[:, None] & m_n[None, :])
 
 
 @triton.jit
@@ -283,6 +313,18 @@ def _scale_rows(x: torch.Tensor, row_scale: torch.Tensor, plan: DispatchPlan, ro
         SORTED=rows == "sorted", BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )  # fmt: skip
     return out
+
+
+def _tma_rows(x: torch.Tensor) -> bool:
+    """Whether the rows of ``x [R, C]`` can go through a TMA descriptor: unit stride along
+    ``C``, 16-byte aligned start and row stride, on a GPU with TMA (or the interpreter)."""
+    return (
+        x.numel() > 0
+        and x.stride(1) == 1
+        and x.data_ptr() % 16 == 0
+        and (x.stride(0) * x.element_size()) % 16 == 0
+        and _has_copy_engine(x.device)
+    )
 
 
 def grouped_weight_grad(
@@ -353,10 +395,18 @@ def grouped_weight_grad(
     k_fastest = N > K
     num_k_tiles, num_n_tiles = triton.cdiv(K, config.block_k), triton.cdiv(N, config.block_n)
     grid = (num_k_tiles, num_n_tiles, num_experts) if k_fastest else (num_n_tiles, num_k_tiles, num_experts)
+    a_tma = config.sorted_tma and a_rows == "sorted" and _tma_rows(a)
+    b_tma = config.sorted_tma and b_rows == "sorted" and _tma_rows(b)
+    if a_tma or b_tma:
+        _ensure_descriptor_allocator()
+    out_operand = out
+    if config.out_tma and out.is_contiguous() and _tma_rows(out.view(-1, N)):
+        out_operand = TensorDescriptor(out, list(out.shape), list(out.stride()), [1, config.block_k, config.block_n])
     _weight_grad_kernel[grid](
-        a, b, out, row_scale, plan.sorted_to_pair, plan.expert_offsets, K, N, num_experts,
+        a, b, out_operand, row_scale, plan.sorted_to_pair, plan.expert_offsets, K, N, num_experts,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        GATHER_A=a_rows != "sorted", GATHER_B=b_rows != "sorted",
+        GATHER_A=a_rows != "sorted", GATHER_B=b_rows != "sorted", A_TMA=a_tma, B_TMA=b_tma,
+        OUT_TMA=out_operand is not out,
         A_DIVISOR=top_k if a_rows == "tokens" else 1, B_DIVISOR=top_k if b_rows == "tokens" else 1,
         SCALE=scale, PREFETCH_ROWS=config.prefetch_rows, EVEN_K=K % config.block_k == 0,
         EVEN_N=N % config.block_n == 0, K_FASTEST=k_fastest, INPUT_PRECISION=_input_precision(a.dtype),
