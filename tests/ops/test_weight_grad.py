@@ -198,10 +198,9 @@ def test_select_config_shapes():
 def test_select_config_regimes():
     # 128 x 256 tiles for long row loops (T=8192 on the competition shape), 128 x 128 for short
     # ones (model prefill, ~256 rows an expert) and float32.
-    assert select_weight_grad_config(7168, 4096, torch.bfloat16, rows_per_expert=1241.0) == WeightGradConfig(
-        128, 256, 64, 8, 3
-    )
-    assert select_weight_grad_config(2048, 7168, torch.bfloat16) == WeightGradConfig(128, 256, 64, 8, 3)
+    wide = WeightGradConfig(128, 256, 64, 8, 3, sorted_tma=True, out_tma=True)
+    assert select_weight_grad_config(7168, 4096, torch.bfloat16, rows_per_expert=1241.0) == wide
+    assert select_weight_grad_config(2048, 7168, torch.bfloat16) == wide
     assert select_weight_grad_config(2048, 1536, torch.bfloat16, rows_per_expert=256.0) == WeightGradConfig(
         128, 128, 64, 4, 3
     )

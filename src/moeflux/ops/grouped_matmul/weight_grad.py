@@ -117,6 +117,10 @@ def select_weight_grad_config(
     * float32 (twice the bytes a tile): ``128 x 128``, 32-row steps.
     * narrow ``K`` / ``N`` shrink the tile; 8 warps for wide (or float32) ``128 x 128``+ tiles, else 4.
     * ``prescale`` on: a separate pass scales the sorted operand (see :class:`WeightGradConfig`).
+    * ``sorted_tma`` and ``out_tma`` with the ``128 x 256`` tiles: on the H100 at the
+      competition's T = 8192, dW_gate_up 4.98 -> 4.32 ms, dW_down 2.59 -> 2.61 ms; with the
+      short loops of Qwen3 both 8% slower (``--sweep-set tma``, results in
+      ``benchmarks/results/moe-train-h100-2026-11-25-8e35977-tma-sweep``).
     """
     element_size = dtype.itemsize
     long_rows = rows_per_expert is None or rows_per_expert >= WIDE_TILE_MIN_ROWS
@@ -130,7 +134,7 @@ def select_weight_grad_config(
         num_stages = max(2, min(3, (200 * 1024) // stage_bytes))
     else:
         num_stages = max(2, min(3 if element_size <= 2 else 4, (160 * 1024) // stage_bytes))
-    return WeightGradConfig(block_k, block_n, block_m, num_warps, num_stages)
+    return WeightGradConfig(block_k, block_n, block_m, num_warps, num_stages, sorted_tma=wide, out_tma=wide)
 
 
 def _at_least_16(size: int) -> int:
