@@ -38,6 +38,14 @@ constexpr. A ``row_scale`` is applied by a separate elementwise pass over the so
 (``prescale``) rather than in registers each step (the scaled operand then feeds wgmma from
 registers, adding a third of the step's instructions; the former kernel also single-buffered
 it).
+
+TMA (``sorted_tma``, ``out_tma``; on with the ``128 x 256`` tiles of long row loops). The
+operand in sorted order is read through a descriptor built on the device per program, over
+its expert's rows only: the copy engine zero-fills the rows past the expert's end, as the
+masked pointer loads do, and the descriptor frees the address registers (206 -> 169 a thread
+in sm_90 ptxas's report for dW_down). The ``dW[e]`` tile is stored through a host-built
+``[E', K, N]`` descriptor, which clips at ``K`` and ``N``. The gathered operand keeps its pointer
+loads (Hopper's TMA has no row gather).
 """
 
 from __future__ import annotations
