@@ -106,8 +106,9 @@ def main() -> int:
         del inputs, grad_out, leaves
         torch.cuda.empty_cache()
 
+    info = run_info(gpu)
     lines = [
-        f"host time to issue a call vs device time, {gpu}, commit {run_info(gpu)['git_commit']}",
+        f"host time to issue a call vs device time, {gpu}, {info['date']}, commit {info['git_commit']}",
         "",
         "| call | timed ms (do_bench) | device ms (graph replay) | host ms (issue) |",
         "|---|---|---|---|",
@@ -119,7 +120,7 @@ def main() -> int:
     markdown = "\n".join(lines) + "\n"
     print(markdown)
     path = report_path(args.out, "host_overhead_gpu.json")
-    write_report(path, {**run_info(gpu), "rows": rows}, markdown)
+    write_report(path, {**info, "rows": rows}, markdown)
     path.with_name("host_overhead_profile.txt").write_text("\n".join(profiles))
     print("\n".join(profiles)[:20000])
     return 0

@@ -23,6 +23,17 @@ def test_train_script(tmp_path):
         assert check["worst_ratio"] < 5.0, check
 
 
+def test_train_script_tma_sweep(tmp_path):
+    # --sweep-set tma times the default weight-gradient config and its two TMA variants, each
+    # output compared with the default's.
+    _, report = run_smoke("moe_train_gpu.py", tmp_path, "moe_train_gpu.json", "--skip-checks", "--sweep-set", "tma")
+    (sweep,) = report["weight_grad_sweeps"]
+    for launch in ("dW_down", "dW_gate_up"):
+        candidates = sweep[launch]["candidates"]
+        assert [(c["config"]["sorted_tma"], c["config"]["out_tma"]) for c in candidates] == [(True, False), (True, True)]
+        assert all(c["ms"] is not None and c["rel_diff"] < 1e-2 for c in candidates), candidates
+
+
 def test_flash_expert_script(tmp_path):
     _, report = run_smoke("flash_expert_gpu.py", tmp_path, "flash_expert_gpu.json")
     assert report
