@@ -114,9 +114,8 @@ def main() -> int:
         "|---|---|---|---|",
     ]
     for row in rows:
-        lines.append(
-            f"| {row['name']} | {row['timed_ms']:.3f} | {row.get('device_ms', float('nan')):.3f} | {row['host_ms']:.3f} |"
-        )
+        device_ms = row.get("device_ms", float("nan"))
+        lines.append(f"| {row['name']} | {row['timed_ms']:.3f} | {device_ms:.3f} | {row['host_ms']:.3f} |")
     markdown = "\n".join(lines) + "\n"
     print(markdown)
     path = report_path(args.out, "host_overhead_gpu.json")

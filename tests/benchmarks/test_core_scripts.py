@@ -30,7 +30,8 @@ def test_train_script_tma_sweep(tmp_path):
     (sweep,) = report["weight_grad_sweeps"]
     for launch in ("dW_down", "dW_gate_up"):
         candidates = sweep[launch]["candidates"]
-        assert [(c["config"]["sorted_tma"], c["config"]["out_tma"]) for c in candidates] == [(True, False), (True, True)]
+        modes = [(c["config"]["sorted_tma"], c["config"]["out_tma"]) for c in candidates]
+        assert modes == [(True, False), (True, True)]
         assert all(c["ms"] is not None and c["rel_diff"] < 1e-2 for c in candidates), candidates
 
 

@@ -275,7 +275,8 @@ def _weight_grad_kernel(
                 p_b += b_step
 
     if OUT_TMA:
-        out_ptr.store([i_e.to(tl.int32), i_k * BLOCK_K, i_n * BLOCK_N], b_acc.to(out_ptr.dtype).reshape(1, BLOCK_K, BLOCK_N))
+        b_out = b_acc.to(out_ptr.dtype).reshape(1, BLOCK_K, BLOCK_N)
+        out_ptr.store([i_e.to(tl.int32), i_k * BLOCK_K, i_n * BLOCK_N], b_out)
     else:
         p_out = out_ptr + i_e * stride_out_e + o_k[:, None].to(tl.int64) * stride_out_k + o_n[None, :] * stride_out_n
         tl.store(p_out, b_acc.to(out_ptr.dtype.element_ty), mask=m_k[:, None] & m_n[None, :])
