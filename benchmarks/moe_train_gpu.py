@@ -341,8 +341,8 @@ def time_parts(shape: Shape, inputs, grad_out) -> dict:
         "bwd dh GEMM (W_down^T view)": (lambda: _gemm(grad_out, down.transpose(1, 2), plan, None, gather=True),
                                         gemm_flops["down"]),
         "bwd swiglu": (lambda: _swiglu_backward(pre, g, pair_weights, plan), None),
-        "bwd dW_down": (lambda: grouped_weight_grad(hidden, grad_out, plan, b_rows="tokens", row_scale=pair_weights),
-                        gemm_flops["down"]),
+        # g holds w h after the backward's SwiGLU step, dW_down's operand.
+        "bwd dW_down": (lambda: grouped_weight_grad(g, grad_out, plan, b_rows="tokens"), gemm_flops["down"]),
         "bwd dW_gate_up": (lambda: grouped_weight_grad(x, d_pre, plan, a_rows="tokens"), gemm_flops["gate_up"]),
         "bwd dx GEMM (W_gate_up^T view)": (lambda: _gemm(d_pre, gate_up.transpose(1, 2), plan, None, scatter=True),
                                            gemm_flops["gate_up"]),

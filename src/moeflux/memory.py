@@ -103,15 +103,15 @@ def experts_backward_bytes(
     """Device bytes the backward of :func:`moeflux.ops.experts.autograd.experts_autograd`
     allocates (what its forward saved is counted there), every input needing a gradient.
 
-    Live at once, at worst: ``g [P, D]``, the weight-gradient kernel's scaled copy of ``g``
-    and ``d_down [E', D, H]`` (``dpre`` overwrites the forward's saved ``pre``); later
+    Live at once, at worst: ``g [P, D]`` (then ``w h``, ``dW_down``'s operand) and
+    ``d_down [E', D, H]`` (``dpre`` overwrites the forward's saved ``pre``); later
     ``d_gate_up [E', H, 2D]``, one band of the scattered input gradients (``[P, band]``, at
     most ``max(2D, 1024)`` columns) and ``dx [T, H]``. Outputs: ``dx``, ``d_gate_up``,
     ``d_down`` and the routing weights' gradient.
 
     With ``recompute`` (nothing saved by the forward): the weight gradients and a float32
     ``dx`` sum from the start, and per band of ``w`` expert columns the recomputed ``[P, 2w]``
-    pre-activations with ``g [P, w]`` and its scaled copy, then with one band of scattered
+    pre-activations with ``g [P, w]`` (then ``w h``), then with one band of scattered
     input gradients (``[P, max(2w, 1024)]`` at most).
     """
     T, H, D, b = num_tokens, hidden_size, expert_size, _itemsize(dtype)
@@ -128,14 +128,14 @@ def experts_backward_bytes(
     if recompute:
         widths = [last - first for first, last in _expert_bands(D)] or [0]
         bands = [max((b_ - a_ for a_, b_ in _column_bands(H, w)), default=0) for w in widths]
-        per_band = max(P * b * max(4 * w, 2 * w + h_band) for w, h_band in zip(widths, bands))
+        per_band = max(P * b * max(3 * w, 2 * w + h_band) for w, h_band in zip(widths, bands))
         d_x_sum = 4 * T * H
         peak = (d_out_copy + 2 * d_pair_weights + retiled + tables + d_down + d_gate_up + d_weights + d_x_sum
                 + max(per_band, d_x))  # fmt: skip
         return Workspace(peak=peak, outputs=d_x + d_down + d_gate_up + d_weights)
     band = max(last - first for first, last in _column_bands(H, D)) if H > 0 else 0
     stages = max(
-        2 * P * D * b + d_down,  # g, g's scaled copy, d_down
+        P * D * b + d_down,  # g (then w h), d_down
         d_down + d_gate_up + P * band * b + d_x,  # weight grads, one band of scattered dx, dx
     )
     peak = d_out_copy + d_pair_weights + retiled + tables + stages + d_weights

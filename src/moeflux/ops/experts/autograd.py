@@ -12,7 +12,7 @@ Backward, given ``dout [T, H]``, reusing the forward's plan (no second sort)::
     g     = dout[token(r)] @ W_down[e]^T               [P, D]  sorted   (= dh / w)
     dw[p] = <h[r], g[r]>                               [P]     pair order
     dpre  = SwiGLU'(pre) * (w g)                       [P, 2D] sorted   (h recomputed from pre)
-    dW_down[e]    = sum_r w(r) h[r]^T dout[token(r)]   weight-gradient kernel
+    dW_down[e]    = sum_r (w h)[r]^T dout[token(r)]    weight-gradient kernel (w h written by the step above)
     dW_gate_up[e] = sum_r x[token(r)]^T dpre[r]        weight-gradient kernel
     dx[t] = sum_j (dpre @ W_gate_up[e]^T)[t k' + j]    grouped GEMM scattered to pair order + combine,
                                                        a band of H columns at a time
@@ -43,7 +43,7 @@ gate|up GEMM's epilogue) and the backward runs the steps above band by band over
 band's ``pre`` with two plain GEMMs. ``dw`` and ``dx`` are sums over bands: ``dw`` in float32,
 ``dx`` through a float32 ``[T, H]`` sum that each band's scattered rows are combined into. The
 weight gradients of a band are written in place into slices of the full gradients. Workspace:
-a band's ``pre``, ``g`` (and its scaled copy) and scattered ``dx`` rows, instead of the saved
+a band's ``pre``, ``g`` (then ``w h``) and scattered ``dx`` rows, instead of the saved
 ``[P, 2D]``; cost: the gate|up GEMM once more and the launches of every band.
 """
 
@@ -104,7 +104,7 @@ def _swiglu_kernel(
 @triton.jit
 def _swiglu_backward_kernel(
     pre_ptr,  # [P, 2D] gate | up, sorted
-    g_h_ptr,  # [P, D] sorted: in g = dout W_down^T, out h (overwritten in place)
+    g_wh_ptr,  # [P, D] sorted: in g = dout W_down^T, out w h (overwritten in place)
     d_pre_ptr,  # [P, 2D] sorted (may be pre_ptr: each element is loaded before it is stored)
     pair_weights_ptr,  # [P] float32, pair order
     d_pair_weights_ptr,  # [P] float32, pair order
@@ -112,13 +112,14 @@ def _swiglu_backward_kernel(
     P,
     D,
     stride_pre,
-    stride_g_h,
+    stride_g_wh,
     stride_d_pre,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     """``dw = <h, g>``; ``dh = w g``; ``dgate = dh up silu'(gate)``, ``dup = dh silu(gate)``,
-    ``silu'(z) = s(z) (1 + z (1 - s(z)))``; then ``h`` replaces ``g`` (its last reader)."""
+    ``silu'(z) = s(z) (1 + z (1 - s(z)))``; then ``w h`` replaces ``g`` (its last reader): the
+    left operand of ``dW_down``, scaled here rather than by a pass of its own."""
     i_r = tl.program_id(0)
     o_r = i_r * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R] sorted rows
     m_r = o_r < P
@@ -132,19 +133,20 @@ def _swiglu_backward_kernel(
         p_gate = pre_ptr + o_r[:, None] * stride_pre + o_d[None, :]  # [BLOCK_R, BLOCK_D]
         b_gate = tl.load(p_gate, mask=m_rd, other=0.0).to(tl.float32)
         b_up = tl.load(p_gate + D, mask=m_rd, other=0.0).to(tl.float32)
-        p_g_h = g_h_ptr + o_r[:, None] * stride_g_h + o_d[None, :]
-        b_g = tl.load(p_g_h, mask=m_rd, other=0.0).to(tl.float32)
+        p_g_wh = g_wh_ptr + o_r[:, None] * stride_g_wh + o_d[None, :]
+        b_g = tl.load(p_g_wh, mask=m_rd, other=0.0).to(tl.float32)
         b_sigmoid = tl.sigmoid(b_gate)
         b_silu = b_gate * b_sigmoid
         # h rounded as the forward rounded it, so dw matches the h the down GEMM consumed.
-        b_h = (b_silu * b_up).to(g_h_ptr.dtype.element_ty)
+        b_h = (b_silu * b_up).to(g_wh_ptr.dtype.element_ty)
         b_dw += tl.sum(b_h.to(tl.float32) * b_g, axis=1)
         b_dh = b_g * b_w[:, None]
         b_d_gate = b_dh * b_up * b_sigmoid * (1.0 + b_gate * (1.0 - b_sigmoid))
         p_d_gate = d_pre_ptr + o_r[:, None] * stride_d_pre + o_d[None, :]
         tl.store(p_d_gate, b_d_gate.to(d_pre_ptr.dtype.element_ty), mask=m_rd)
         tl.store(p_d_gate + D, (b_dh * b_silu).to(d_pre_ptr.dtype.element_ty), mask=m_rd)
-        tl.store(p_g_h, b_h, mask=m_rd)
+        # w h rounded from the rounded h, as grouped_weight_grad's row scale rounds it.
+        tl.store(p_g_wh, (b_h.to(tl.float32) * b_w[:, None]).to(g_wh_ptr.dtype.element_ty), mask=m_rd)
     tl.store(d_pair_weights_ptr + o_pair, b_dw, mask=m_r)
 
 
@@ -163,7 +165,7 @@ def _swiglu(pre: torch.Tensor) -> torch.Tensor:
 def _swiglu_backward(
     pre: torch.Tensor, g: torch.Tensor, pair_weights: torch.Tensor, plan: DispatchPlan
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dpre [P, 2D], dw [P] float32 pair order)``; overwrites ``g`` with ``h`` and ``pre``
+    """``(dpre [P, 2D], dw [P] float32 pair order)``; overwrites ``g`` with ``w h`` and ``pre``
     with ``dpre`` (each element is read before it is written, by the same program)."""
     P, D = g.shape
     d_pre = pre
@@ -241,15 +243,13 @@ class ExpertsFunction(torch.autograd.Function):
         d_out = d_out.to(x.dtype)
 
         # [P, D] sorted: g = dout[token(r)] @ W_down[e]^T (the forward's gather, transposed weight),
-        # which _swiglu_backward, its last reader, overwrites with h.
-        g_then_h = _gemm(d_out, down.transpose(1, 2), plan, gemm_config, gather=True)
-        d_pre, d_pair_weights = _swiglu_backward(pre, g_then_h, weights, plan)
+        # which _swiglu_backward, its last reader, overwrites with w h.
+        g_then_wh = _gemm(d_out, down.transpose(1, 2), plan, gemm_config, gather=True)
+        d_pre, d_pair_weights = _swiglu_backward(pre, g_then_wh, weights, plan)
         d_down = None
         if needs_down:
-            d_down = grouped_weight_grad(
-                g_then_h, d_out, plan, b_rows="tokens", row_scale=weights, config=weight_grad_config
-            )
-        del g_then_h
+            d_down = grouped_weight_grad(g_then_wh, d_out, plan, b_rows="tokens", config=weight_grad_config)
+        del g_then_wh
         d_gate_up = None
         if needs_gate_up:
             d_gate_up = grouped_weight_grad(x, d_pre, plan, a_rows="tokens", config=weight_grad_config)
@@ -291,13 +291,13 @@ def _backward_recomputing(ctx, d_out):
         pre = torch.empty(P, 2 * width, device=x.device, dtype=x.dtype)  # [P, 2 width] sorted gate|up band
         _gemm(x, gate_up[:, :, gate], plan, gemm_config, gather=True, out=pre[:, :width])
         _gemm(x, gate_up[:, :, up], plan, gemm_config, gather=True, out=pre[:, width:])
-        g_then_h = _gemm(d_out, down[:, gate].transpose(1, 2), plan, gemm_config, gather=True)  # [P, width]
-        d_pre, d_band_weights = _swiglu_backward(pre, g_then_h, weights, plan)
+        g_then_wh = _gemm(d_out, down[:, gate].transpose(1, 2), plan, gemm_config, gather=True)  # [P, width]
+        d_pre, d_band_weights = _swiglu_backward(pre, g_then_wh, weights, plan)
         d_pair_weights += d_band_weights
         if needs_down:
-            grouped_weight_grad(g_then_h, d_out, plan, b_rows="tokens", row_scale=weights,
-                                config=weight_grad_config, out=d_down[:, gate])  # fmt: skip
-        del g_then_h
+            grouped_weight_grad(g_then_wh, d_out, plan, b_rows="tokens", config=weight_grad_config,
+                                out=d_down[:, gate])  # fmt: skip
+        del g_then_wh
         # (Halves indexed in place: a loop variable holding a view would keep this band's
         # buffer alive into the next band.)
         halves = ((slice(0, width), gate), (slice(width, 2 * width), up))
@@ -322,7 +322,7 @@ def _backward_recomputing(ctx, d_out):
 
 
 # Bands of a recomputing backward: at least RECOMPUTE_MIN_BAND expert columns, at most
-# RECOMPUTE_MAX_BANDS of them. Its workspace is about P (4 band + min(H, max(2 band, 1024)))
+# RECOMPUTE_MAX_BANDS of them. Its workspace is about P max(3 band, 2 band + min(H, max(2 band, 1024)))
 # elements plus T H float32; each band costs about fifteen launches, whose host time showed
 # on the H100 with Mixtral's 14 bands of 1024 (benchmarks/results/moe-train-h100-2026-11-25-66eef4f).
 RECOMPUTE_MIN_BAND = 1024
