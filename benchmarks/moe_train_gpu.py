@@ -49,7 +49,7 @@ import triton
 
 from moeflux.config import MoEConfig
 from moeflux.ops.dispatch import build_dispatch_plan
-from moeflux.ops.experts.autograd import _gemm, _swiglu, _swiglu_backward, experts_autograd
+from moeflux.ops.experts.autograd import _down_weight_grad, _gemm, _swiglu, _swiglu_backward, experts_autograd
 from moeflux.ops.experts.naive import experts_torch
 from moeflux.ops.experts.triton import combine_pairs
 from moeflux.ops.grouped_matmul.weight_grad import (
@@ -342,7 +342,7 @@ def time_parts(shape: Shape, inputs, grad_out) -> dict:
                                         gemm_flops["down"]),
         "bwd swiglu": (lambda: _swiglu_backward(pre, g, pair_weights, plan), None),
         # g holds w h after the backward's SwiGLU step, dW_down's operand.
-        "bwd dW_down": (lambda: grouped_weight_grad(g, grad_out, plan, b_rows="tokens"), gemm_flops["down"]),
+        "bwd dW_down": (lambda: _down_weight_grad(g, grad_out, plan, None, torch.empty_like(down)), gemm_flops["down"]),
         "bwd dW_gate_up": (lambda: grouped_weight_grad(x, d_pre, plan, a_rows="tokens"), gemm_flops["gate_up"]),
         "bwd dx GEMM (W_gate_up^T view)": (lambda: _gemm(d_pre, gate_up.transpose(1, 2), plan, None, scatter=True),
                                            gemm_flops["gate_up"]),
@@ -414,8 +414,11 @@ def weight_grad_candidates(smoke: bool) -> list[WeightGradConfig]:
     ]
 
 
-# The sweep's launches that pass a row_scale (prescale matters only there).
-SCALED_LAUNCHES = ("dW_down",)
+# The sweep's launches: dW_down as the backward computes it (its transpose, the gathered dout on
+# the left, into d_down's transposed view), the former orientation (w h on the left, scaled
+# by a row_scale: the only launch where prescale matters), and dW_gate_up.
+LAUNCHES = ("dW_down", "dW_down h-left", "dW_gate_up")
+SCALED_LAUNCHES = ("dW_down h-left",)
 
 
 def same_kernel(config, configs, *, scaled: bool):
@@ -447,7 +450,7 @@ def tma_variants(config: WeightGradConfig) -> list[WeightGradConfig]:
 
 
 def sweep_weight_grad(shape: Shape, device: torch.device, smoke: bool, deadline: float, only_tma: bool = False) -> dict:
-    """The weight-gradient configs of :func:`weight_grad_candidates` on the two launches of
+    """The weight-gradient configs of :func:`weight_grad_candidates` on the :data:`LAUNCHES` of
     ``shape``, after ``select_weight_grad_config``'s pick (the ``default``); none started after
     ``deadline`` (``time.perf_counter()``). Each output is compared with the default's
     (``rel_diff``: a wrong kernel is off by O(1), a different summation order by ~1e-3)."""
@@ -460,9 +463,14 @@ def sweep_weight_grad(shape: Shape, device: torch.device, smoke: bool, deadline:
     hidden = torch.randn(P, D, device=device, dtype=x.dtype)
     d_pre = torch.randn(P, 2 * D, device=device, dtype=x.dtype)
     rows_per_expert = P / (E + S)
+    scaled_hidden = (hidden.float() * pair_weights[plan.sorted_to_pair.long()][:, None]).to(hidden.dtype)
+    down_layout = torch.empty(E + S, D, H, device=device, dtype=x.dtype)
     launches = {
-        "dW_down": (lambda c: grouped_weight_grad(hidden, grad_out, plan, b_rows="tokens", row_scale=pair_weights,
-                                                  config=c), 2 * P * D * H, (D, H)),
+        "dW_down": (lambda c: grouped_weight_grad(grad_out, scaled_hidden, plan, a_rows="tokens", config=c,
+                                                  out=down_layout.transpose(1, 2)).transpose(1, 2).clone(),
+                    2 * P * D * H, (H, D)),
+        "dW_down h-left": (lambda c: grouped_weight_grad(hidden, grad_out, plan, b_rows="tokens", row_scale=pair_weights,
+                                                         config=c), 2 * P * D * H, (D, H)),
         "dW_gate_up": (lambda c: grouped_weight_grad(x, d_pre, plan, a_rows="tokens", config=c), 2 * P * H * 2 * D,
                        (H, 2 * D)),
     }  # fmt: skip
@@ -496,7 +504,7 @@ def sweep_weight_grad(shape: Shape, device: torch.device, smoke: bool, deadline:
         timed = [e for e in entries if e["ms"] is not None and e.get("rel_diff", 0.0) < 2e-2]
         result[name] = {"default": entries[0] if entries else {}, "candidates": entries[1:],
                         "best": min(timed, key=lambda e: e["ms"]) if timed else None}  # fmt: skip
-    del inputs, grad_out, hidden, d_pre
+    del inputs, grad_out, hidden, d_pre, scaled_hidden, down_layout
     free_memory()
     return result
 
@@ -524,7 +532,7 @@ def weight_grad_choice(sweeps: list[dict]) -> list[str]:
     for regime, keep in (("long", lambda r: r >= WIDE_TILE_MIN_ROWS), ("short", lambda r: r < WIDE_TILE_MIN_ROWS)):
         cases = [(s["shape"], launch, s[launch]) for s in sweeps
                  if "rows_per_expert" in s and keep(s["rows_per_expert"])
-                 for launch in ("dW_down", "dW_gate_up") if launch in s]  # fmt: skip
+                 for launch in LAUNCHES if launch in s]  # fmt: skip
         if not cases:
             continue
         times: dict[str, list[float]] = {}
@@ -689,7 +697,7 @@ def main() -> int:
     recompute_memory_ratio = geomean(r.get("recompute_activation_memory_ratio") for r in rows)
     sweep_lines = []
     for sweep in sweeps:
-        for launch in ("dW_down", "dW_gate_up"):
+        for launch in LAUNCHES:
             if launch in sweep and sweep[launch]["best"]:
                 best, default = sweep[launch]["best"], sweep[launch]["default"]
                 entries = [default, *sweep[launch]["candidates"]]

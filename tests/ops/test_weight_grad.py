@@ -137,6 +137,21 @@ def test_tma_falls_back_where_the_layout_does_not_allow_it():
     assert rel_l2(out, reference(odd, b, plan, "sorted", "tokens", row_scale)) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("config", [SMALL, TMA], ids=["pointer-store", "tma-store"])
+def test_transposed_out_view(config):
+    # dW^T written into the transposed view of a [E', N, K] tensor (the experts backward's
+    # d_down): the same values, laid out for the weight, every element written.
+    plan, operands, row_scale = make_problem(17, 2, 4, 1, 40, 24, torch.float32, choices=[0, 1, 3], seed=11)
+    a, b = operands["tokens"][0], operands["sorted"][1]
+    weight_layout = torch.full((plan.num_experts, 24, 40), float("nan"), device=DEVICE)
+    grouped_weight_grad(a, b, plan, a_rows="tokens", row_scale=row_scale, config=config,
+                        out=weight_layout.transpose(1, 2))  # fmt: skip
+    expected = reference(a, b, plan, "tokens", "sorted", row_scale)
+    assert not weight_layout.isnan().any()
+    assert rel_l2(weight_layout.transpose(1, 2), expected) < TOLERANCE[torch.float32]
+    assert torch.equal(weight_layout[2], torch.zeros_like(weight_layout[2]))
+
+
 def test_one_expert_takes_all_and_other_blocks():
     # 40 rows on expert 1 of 3 (experts 0 and 2 empty): a 3-step row loop with a tail; a
     # 32 x 16 tile with block_m=32; a and b column slices of wider tensors (row strides != width).

@@ -172,7 +172,8 @@ def _weight_grad_kernel(
     GATHER_B: tl.constexpr,
     A_TMA: tl.constexpr,  # a (in sorted order) through a device-built descriptor over the expert's rows
     B_TMA: tl.constexpr,
-    OUT_TMA: tl.constexpr,  # out_ptr is a host-built [E', K, N] descriptor
+    OUT_TMA: tl.constexpr,  # out_ptr is a host-built [E', K, N] descriptor ([E', N, K] with OUT_TRANSPOSED)
+    OUT_TRANSPOSED: tl.constexpr,  # out is the transposed view of a contiguous [E', N, K]
     A_DIVISOR: tl.constexpr,  # src_a(r) = sorted_to_pair[r] // A_DIVISOR when GATHER_A (k' or 1)
     B_DIVISOR: tl.constexpr,
     SCALE: tl.constexpr,
@@ -274,7 +275,10 @@ def _weight_grad_kernel(
             if not GATHER_B and not B_TMA:
                 p_b += b_step
 
-    if OUT_TMA:
+    if OUT_TMA and OUT_TRANSPOSED:
+        b_out = b_acc.to(out_ptr.dtype).T.reshape(1, BLOCK_N, BLOCK_K)
+        out_ptr.store([i_e.to(tl.int32), i_n * BLOCK_N, i_k * BLOCK_K], b_out)
+    elif OUT_TMA:
         b_out = b_acc.to(out_ptr.dtype).reshape(1, BLOCK_K, BLOCK_N)
         out_ptr.store([i_e.to(tl.int32), i_k * BLOCK_K, i_n * BLOCK_N], b_out)
     else:
@@ -360,7 +364,8 @@ def grouped_weight_grad(
         a_rows, b_rows: ``"sorted"``, ``"tokens"`` or ``"pairs"`` (see the module docstring).
         row_scale: ``[P]`` float32 in pair order, multiplies each row's outer product.
         config: launch parameters; :func:`select_weight_grad_config` when omitted.
-        out: optional preallocated ``[E', K, N]`` in ``a``'s dtype; every element is written.
+        out: optional preallocated ``[E', K, N]`` in ``a``'s dtype, any strides (e.g. the
+            transposed view of a ``[E', N, K]`` weight's gradient); every element is written.
 
     Returns:
         ``[E', K, N]`` in ``a``'s dtype, accumulated in float32; exact zeros for experts
@@ -412,14 +417,19 @@ def grouped_weight_grad(
     b_tma = config.sorted_tma and b_rows == "sorted" and _tma_rows(b)
     if a_tma or b_tma:
         _ensure_descriptor_allocator()
+    # A contiguous out, or the transposed view of one (dW^T computed into W's layout), stores
+    # through a descriptor of the contiguous tensor.
+    out_transposed = not out.is_contiguous() and out.transpose(1, 2).is_contiguous()
+    stored = out.transpose(1, 2) if out_transposed else out
     out_operand = out
-    if config.out_tma and out.is_contiguous() and _tma_rows(out.view(-1, N)):
-        out_operand = TensorDescriptor(out, list(out.shape), list(out.stride()), [1, config.block_k, config.block_n])
+    if config.out_tma and stored.is_contiguous() and _tma_rows(stored.reshape(-1, stored.shape[2])):
+        block = [1, config.block_n, config.block_k] if out_transposed else [1, config.block_k, config.block_n]
+        out_operand = TensorDescriptor(stored, list(stored.shape), list(stored.stride()), block)
     _weight_grad_kernel[grid](
         a, b, out_operand, row_scale, plan.sorted_to_pair, plan.expert_offsets, K, N, num_experts,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1), out.stride(2),
         GATHER_A=a_rows != "sorted", GATHER_B=b_rows != "sorted", A_TMA=a_tma, B_TMA=b_tma,
-        OUT_TMA=out_operand is not out,
+        OUT_TMA=out_operand is not out, OUT_TRANSPOSED=out_transposed,
         A_DIVISOR=top_k if a_rows == "tokens" else 1, B_DIVISOR=top_k if b_rows == "tokens" else 1,
         SCALE=scale, PREFETCH_ROWS=config.prefetch_rows, EVEN_K=K % config.block_k == 0,
         EVEN_N=N % config.block_n == 0, K_FASTEST=k_fastest, INPUT_PRECISION=_input_precision(a.dtype),
