@@ -414,9 +414,9 @@ def weight_grad_candidates(smoke: bool) -> list[WeightGradConfig]:
     ]
 
 
-# The sweep's launches: dW_down as the backward computes it (its transpose, the gathered dout on
-# the left, into d_down's transposed view), the former orientation (w h on the left, scaled
-# by a row_scale: the only launch where prescale matters), and dW_gate_up.
+# The sweep's launches: dW_down as the backward computes it with long row loops (its transpose,
+# the gathered dout on the left, into d_down's transposed view), the other orientation (w h on
+# the left, scaled by a row_scale here: the only launch where prescale matters), and dW_gate_up.
 LAUNCHES = ("dW_down", "dW_down h-left", "dW_gate_up")
 SCALED_LAUNCHES = ("dW_down h-left",)
 
@@ -464,11 +464,9 @@ def sweep_weight_grad(shape: Shape, device: torch.device, smoke: bool, deadline:
     d_pre = torch.randn(P, 2 * D, device=device, dtype=x.dtype)
     rows_per_expert = P / (E + S)
     scaled_hidden = (hidden.float() * pair_weights[plan.sorted_to_pair.long()][:, None]).to(hidden.dtype)
-    down_layout = torch.empty(E + S, D, H, device=device, dtype=x.dtype)
     launches = {
         "dW_down": (lambda c: grouped_weight_grad(grad_out, scaled_hidden, plan, a_rows="tokens", config=c,
-                                                  out=down_layout.transpose(1, 2)).transpose(1, 2).clone(),
-                    2 * P * D * H, (H, D)),
+                                                  out=torch.empty_like(down).transpose(1, 2)), 2 * P * D * H, (H, D)),
         "dW_down h-left": (lambda c: grouped_weight_grad(hidden, grad_out, plan, b_rows="tokens", row_scale=pair_weights,
                                                          config=c), 2 * P * D * H, (D, H)),
         "dW_gate_up": (lambda c: grouped_weight_grad(x, d_pre, plan, a_rows="tokens", config=c), 2 * P * H * 2 * D,
@@ -504,7 +502,7 @@ def sweep_weight_grad(shape: Shape, device: torch.device, smoke: bool, deadline:
         timed = [e for e in entries if e["ms"] is not None and e.get("rel_diff", 0.0) < 2e-2]
         result[name] = {"default": entries[0] if entries else {}, "candidates": entries[1:],
                         "best": min(timed, key=lambda e: e["ms"]) if timed else None}  # fmt: skip
-    del inputs, grad_out, hidden, d_pre, scaled_hidden, down_layout
+    del inputs, grad_out, hidden, d_pre, scaled_hidden
     free_memory()
     return result
 

@@ -79,6 +79,39 @@ def test_matches_torch_autograd(T, H, D, E, S, k, choices, dtype):
             assert torch.equal(grad[unused], torch.zeros_like(grad[unused]))
 
 
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved", "recompute"])
+def test_long_row_loops_down_gradient(recompute, monkeypatch):
+    # 16-bit with at least WIDE_TILE_MIN_ROWS rows an expert (520 tokens on one routed expert
+    # and the shared one, K and N ragged): d_down is computed as its transpose into the
+    # gradient's transposed view. Against the float32 torch autograd, and against the other
+    # orientation (the short row loops' path) on the same inputs.
+    inputs = make_inputs(520, 24, 40, 1, 1, 1, torch.bfloat16, seed=12)
+    grad_out = torch.randn(520, 24, generator=torch.Generator().manual_seed(12), device=DEVICE)
+    transposed_outs = []
+    real = experts_autograd_module.grouped_weight_grad
+
+    def spy(a, b, plan, **kwargs):
+        out = kwargs.get("out")
+        transposed_outs.append(out is not None and out.stride(1) == 1 and out.stride(2) != 1)
+        return real(a, b, plan, **kwargs)
+
+    def triton(*args):
+        return experts_autograd(*args, gemm_config=SMALL, weight_grad_config=SMALL_WG, recompute=recompute)
+
+    monkeypatch.setattr(experts_autograd_module, "grouped_weight_grad", spy)
+    monkeypatch.setattr(experts_autograd_module, "RECOMPUTE_MIN_BAND", 16)  # bands of D = 40
+    long_rows = output_and_grads(triton, inputs, grad_out)
+    assert any(transposed_outs)
+    exact = output_and_grads(experts_torch, inputs, grad_out, torch.float32)
+    for name, actual, expected in zip(NAMES, long_rows, exact):
+        assert rel_l2(actual, expected) < TOLERANCE_VS_FP32[torch.bfloat16], name
+    monkeypatch.setattr(experts_autograd_module, "WIDE_TILE_MIN_ROWS", 10**9)  # the other orientation
+    transposed_outs.clear()
+    other = output_and_grads(triton, inputs, grad_out)
+    assert not any(transposed_outs)
+    assert rel_l2(long_rows[4], other[4]) < 1e-2 and torch.equal(long_rows[3], other[3])
+
+
 def test_partial_requires_grad_strided_and_expanded():
     # x a column slice of a wider tensor; a loss of out.sum() (grad_out expanded, stride 0);
     # only x and down need gradients (the other launches are skipped, the rest must still agree).

@@ -12,7 +12,7 @@ Backward, given ``dout [T, H]``, reusing the forward's plan (no second sort)::
     g     = dout[token(r)] @ W_down[e]^T               [P, D]  sorted   (= dh / w)
     dw[p] = <h[r], g[r]>                               [P]     pair order
     dpre  = SwiGLU'(pre) * (w g)                       [P, 2D] sorted   (h recomputed from pre)
-    dW_down[e]^T  = sum_r dout[token(r)]^T (w h)[r]    weight-gradient kernel (w h written by the step above)
+    dW_down[e]    = sum_r (w h)[r]^T dout[token(r)]    weight-gradient kernel (w h written by the step above)
     dW_gate_up[e] = sum_r x[token(r)]^T dpre[r]        weight-gradient kernel
     dx[t] = sum_j (dpre @ W_gate_up[e]^T)[t k' + j]    grouped GEMM scattered to pair order + combine,
                                                        a band of H columns at a time
@@ -61,7 +61,7 @@ from moeflux.ops.dispatch import DispatchPlan, build_dispatch_plan
 from moeflux.ops.experts import check_same_device
 from moeflux.ops.experts.triton import check_forward_memory, combine_pairs, pair_weights
 from moeflux.ops.grouped_matmul import GroupedMatmulConfig, grouped_matmul, select_config
-from moeflux.ops.grouped_matmul.weight_grad import WeightGradConfig, grouped_weight_grad
+from moeflux.ops.grouped_matmul.weight_grad import WIDE_TILE_MIN_ROWS, WeightGradConfig, grouped_weight_grad
 
 
 def _gemm(x, weight, plan, config, *, gather=False, row_scale=None, scatter=False, out=None) -> torch.Tensor:
@@ -273,11 +273,21 @@ def _down_weight_grad(
     scaled_hidden: torch.Tensor, d_out: torch.Tensor, plan: DispatchPlan, config, d_down: torch.Tensor
 ) -> None:
     """``d_down[e] = sum_r (w h)[r]^T dout[token(r)]``, written into ``d_down`` (``[E', D, H]`` or
-    a band of its rows), computed as its transpose: the gathered ``dout`` then sits on the
-    tile's narrow side (its ``H`` columns in blocks of 128) and the sorted ``w h`` on the wide
-    side, read through TMA, as in ``dW_gate_up``; the other way round the 256-wide gathered
-    block held the kernel to 445 TFLOP/s on the H100 at the competition's T = 8192."""
-    grouped_weight_grad(d_out, scaled_hidden, plan, a_rows="tokens", config=config, out=d_down.transpose(1, 2))
+    a band of its rows).
+
+    With long row loops (16-bit, at least ``WIDE_TILE_MIN_ROWS`` rows an expert) it is computed
+    as its transpose into ``d_down``'s transposed view: the gathered ``dout`` then sits on the
+    ``128 x 256`` tile's narrow side and the sorted ``w h`` on the wide side, read through TMA,
+    as in ``dW_gate_up``. On the H100 that took dW_down from 2.46 to 2.09 ms at the
+    competition's T = 8192, 1.95 to 1.67 ms on Mixtral and 2.90 to 2.48 ms on the DeepSeek-V3
+    slice (``benchmarks/results/moe-train-h100-2026-11-25-0a800b2``). The short loops' ``128 x 128``
+    tiles were 3-4% slower that way (a transposed pointer store), so they keep ``w h`` on the left.
+    """
+    long_rows = d_out.element_size() <= 2 and plan.num_pairs >= WIDE_TILE_MIN_ROWS * plan.num_experts
+    if long_rows:
+        grouped_weight_grad(d_out, scaled_hidden, plan, a_rows="tokens", config=config, out=d_down.transpose(1, 2))
+    else:
+        grouped_weight_grad(scaled_hidden, d_out, plan, b_rows="tokens", config=config, out=d_down)
 
 
 def _backward_recomputing(ctx, d_out):
