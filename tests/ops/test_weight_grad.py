@@ -124,14 +124,19 @@ def test_half_precision(dtype):
 
 
 def test_tma_falls_back_where_the_layout_does_not_allow_it():
-    # Output slices of a wider tensor (a band of a recomputing backward) and operands whose
-    # rows are not 16-byte multiples take pointer loads and stores, with the same result.
+    # Output slices of a wider tensor (a band of a recomputing backward): through a descriptor
+    # of the slice when its start and strides are 16-byte aligned (the columns beside it stay
+    # untouched), pointer stores otherwise. Operands whose rows are not 16-byte multiples take
+    # pointer loads. The same result every way.
     plan, operands, row_scale = make_problem(17, 2, 4, 1, 40, 24, torch.float32, seed=10)
     a, b = operands["sorted"][0], operands["tokens"][1]
     expected = reference(a, b, plan, "sorted", "tokens", row_scale)
-    wide = torch.full((plan.num_experts, 40, 30), float("nan"), device=DEVICE)
-    grouped_weight_grad(a, b, plan, b_rows="tokens", row_scale=row_scale, config=TMA, out=wide[:, :, 3:27])
-    assert rel_l2(wide[:, :, 3:27], expected) < TOLERANCE[torch.float32] and wide[:, :, :3].isnan().all()
+    for width, first in ((30, 3), (32, 4)):  # misaligned, then aligned
+        wide = torch.full((plan.num_experts, 40, width), float("nan"), device=DEVICE)
+        band = wide[:, :, first : first + 24]
+        grouped_weight_grad(a, b, plan, b_rows="tokens", row_scale=row_scale, config=TMA, out=band)
+        assert rel_l2(band, expected) < TOLERANCE[torch.float32]
+        assert wide[:, :, :first].isnan().all() and wide[:, :, first + 24 :].isnan().all()
     odd = torch.randn(a.shape[0], 37, device=DEVICE)  # 148-byte rows
     out = run(odd, b, plan, "sorted", "tokens", row_scale, dataclasses.replace(TMA, prescale=False))
     assert rel_l2(out, reference(odd, b, plan, "sorted", "tokens", row_scale)) < TOLERANCE[torch.float32]

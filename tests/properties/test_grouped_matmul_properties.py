@@ -20,7 +20,16 @@ from hypothesis import strategies as st
 from moeflux.ops.dispatch import build_dispatch_plan
 from moeflux.ops.grouped_matmul import GroupedMatmulConfig, grouped_matmul
 from moeflux.ops.grouped_matmul.weight_grad import ROW_ORDERS, WeightGradConfig, grouped_weight_grad
-from tests.properties.support import examples, float_dtypes, laid_out, layouts, poisoned_allocations, rel_l2, widths
+from tests.properties.support import (
+    check_within,
+    examples,
+    float_dtypes,
+    laid_out,
+    layouts,
+    poisoned_allocations,
+    rel_l2,
+    widths,
+)
 
 # Against float64: the output is rounded once to its dtype (the interpreter truncates to bfloat16).
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -97,15 +106,20 @@ def test_grouped_matmul_matches_float64(problem, K, N, dtype, gather, swiglu, sc
 @given(problems(), widths, widths, float_dtypes, st.sampled_from(ROW_ORDERS), st.sampled_from(ROW_ORDERS),
        st.booleans(), layouts, st.builds(WeightGradConfig, block_k=st.just(16), block_n=st.sampled_from([16, 32]),
        block_m=st.sampled_from([16, 32]), num_warps=st.just(4), num_stages=st.just(2),
-       prefetch_rows=st.booleans(), prescale=st.booleans()))  # fmt: skip
-def test_weight_grad_matches_float64(problem, K, N, dtype, a_rows, b_rows, scale, layout, config):
-    """``dW[e] = sum_r s(r) a[src_a(r)]^T b[src_b(r)]``; experts without rows get exact zeros."""
+       prefetch_rows=st.booleans(), prescale=st.booleans(), sorted_tma=st.booleans(), out_tma=st.booleans()),
+       st.booleans())  # fmt: skip
+def test_weight_grad_matches_float64(problem, K, N, dtype, a_rows, b_rows, scale, layout, config, transposed_out):
+    """``dW[e] = sum_r s(r) a[src_a(r)]^T b[src_b(r)]``; experts without rows get exact zeros.
+    ``out`` may be the transposed view of a ``[E', N, K]`` tensor (a weight's layout)."""
     expert_ids, E, S, plan, generator = problem
     P, T = plan.num_pairs, plan.num_tokens
     a = laid_out(torch.randn(T if a_rows == "tokens" else P, K, generator=generator).to(dtype), layout)
     b = torch.randn(T if b_rows == "tokens" else P, N, generator=generator).to(dtype)
     row_scale = torch.rand(P, generator=generator) if scale else None
-    out = torch.full((E + S, K, N), math.nan, dtype=dtype)
+    if transposed_out:
+        out = torch.full((E + S, N, K), math.nan, dtype=dtype).transpose(1, 2)
+    else:
+        out = torch.full((E + S, K, N), math.nan, dtype=dtype)
 
     with poisoned_allocations():
         grouped_weight_grad(a, b, plan, a_rows=a_rows, b_rows=b_rows, row_scale=row_scale, config=config, out=out)
@@ -117,8 +131,12 @@ def test_weight_grad_matches_float64(problem, K, N, dtype, a_rows, b_rows, scale
     left = a.double()[source[a_rows]]
     if scale:
         left = left * row_scale.double()[pair_of_row, None]
+    right = b.double()[source[b_rows]]
     expected = torch.zeros(E + S, K, N, dtype=torch.float64)
-    expected.index_add_(0, experts, left[:, :, None] * b.double()[source[b_rows]][:, None, :])
-    assert rel_l2(out, expected) < TOLERANCE[dtype]
+    expected.index_add_(0, experts, left[:, :, None] * right[:, None, :])
+    # Against the sum of the products' magnitudes: a few rows that nearly cancel (K = N = 1,
+    # five bfloat16 rows) leave a rounding error far above the result's own norm.
+    magnitude = torch.zeros_like(expected).index_add_(0, experts, (left.abs()[:, :, None] * right.abs()[:, None, :]))
+    check_within("dW", out, expected, magnitude, TOLERANCE[dtype])
     empty = torch.bincount(experts, minlength=E + S) == 0
     assert torch.equal(out[empty], torch.zeros_like(out[empty])), "an expert without rows got a non-zero gradient"

@@ -85,8 +85,8 @@ class WeightGradConfig:
             ``prescale``) through a TMA descriptor built on the device over its expert's rows,
             so the copy engine zero-fills past the expert's end (GPUs with TMA; pointer loads
             otherwise or when the layout does not allow it).
-        out_tma: store the ``dW[e]`` tiles through a TMA descriptor of ``out`` (contiguous
-            output with 16-byte rows; a pointer store otherwise).
+        out_tma: store the ``dW[e]`` tiles through a TMA descriptor of ``out`` (unit stride
+            along ``N`` or ``K``, 16-byte aligned otherwise; a pointer store else).
     """
 
     block_k: int = 128
@@ -332,14 +332,15 @@ def _scale_rows(x: torch.Tensor, row_scale: torch.Tensor, plan: DispatchPlan, ro
     return out
 
 
-def _tma_rows(x: torch.Tensor) -> bool:
-    """Whether the rows of ``x [R, C]`` can go through a TMA descriptor: unit stride along
-    ``C``, 16-byte aligned start and row stride, on a GPU with TMA (or the interpreter)."""
+def _tma_layout(x: torch.Tensor) -> bool:
+    """Whether ``x`` can go through a TMA descriptor: unit stride along its last dimension,
+    16-byte aligned start and other strides (size-1 dimensions included: the descriptor holds
+    every stride), on a GPU with TMA (or the interpreter)."""
     return (
         x.numel() > 0
-        and x.stride(1) == 1
+        and x.stride(-1) == 1
         and x.data_ptr() % 16 == 0
-        and (x.stride(0) * x.element_size()) % 16 == 0
+        and all((stride * x.element_size()) % 16 == 0 for stride in x.stride()[:-1])
         and _has_copy_engine(x.device)
     )
 
@@ -413,16 +414,16 @@ def grouped_weight_grad(
     k_fastest = N > K
     num_k_tiles, num_n_tiles = triton.cdiv(K, config.block_k), triton.cdiv(N, config.block_n)
     grid = (num_k_tiles, num_n_tiles, num_experts) if k_fastest else (num_n_tiles, num_k_tiles, num_experts)
-    a_tma = config.sorted_tma and a_rows == "sorted" and _tma_rows(a)
-    b_tma = config.sorted_tma and b_rows == "sorted" and _tma_rows(b)
+    a_tma = config.sorted_tma and a_rows == "sorted" and _tma_layout(a)
+    b_tma = config.sorted_tma and b_rows == "sorted" and _tma_layout(b)
     if a_tma or b_tma:
         _ensure_descriptor_allocator()
-    # A contiguous out, or the transposed view of one (dW^T computed into W's layout), stores
-    # through a descriptor of the contiguous tensor.
-    out_transposed = not out.is_contiguous() and out.transpose(1, 2).is_contiguous()
+    # An out with unit stride along N, or along K (the transposed view of a [E', N, K] tensor:
+    # dW^T computed into W's layout), stores through a descriptor of that layout.
+    out_transposed = out.stride(2) != 1 and out.stride(1) == 1
     stored = out.transpose(1, 2) if out_transposed else out
     out_operand = out
-    if config.out_tma and stored.is_contiguous() and _tma_rows(stored.reshape(-1, stored.shape[2])):
+    if config.out_tma and _tma_layout(stored):
         block = [1, config.block_n, config.block_k] if out_transposed else [1, config.block_k, config.block_n]
         out_operand = TensorDescriptor(stored, list(stored.shape), list(stored.stride()), block)
     _weight_grad_kernel[grid](
