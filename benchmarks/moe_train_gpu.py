@@ -49,9 +49,10 @@ import triton
 
 from moeflux.config import MoEConfig
 from moeflux.ops.dispatch import build_dispatch_plan
-from moeflux.ops.experts.autograd import _down_weight_grad, _gemm, _swiglu, _swiglu_backward, experts_autograd
+from moeflux.ops.experts.autograd import _down_weight_grad, _swiglu, _swiglu_backward, experts_autograd
 from moeflux.ops.experts.naive import experts_torch
 from moeflux.ops.experts.triton import combine_pairs
+from moeflux.ops.grouped_matmul import grouped_matmul
 from moeflux.ops.grouped_matmul.weight_grad import (
     WIDE_TILE_MIN_ROWS,
     WeightGradConfig,
@@ -325,26 +326,26 @@ def time_parts(shape: Shape, inputs, grad_out) -> dict:
     P = T * top_k
     plan = build_dispatch_plan(expert_ids, E, num_shared_experts=S, check_ids=False)
     pair_weights = torch.cat([expert_weights, torch.ones(T, S, device=x.device)], dim=1).reshape(-1)
-    pre = _gemm(x, gate_up, plan, None, gather=True)
+    pre = grouped_matmul(x, gate_up, plan, gather=True)
     hidden = _swiglu(pre)
-    pair_out = _gemm(hidden, down, plan, None, row_scale=pair_weights, scatter=True)
-    g = _gemm(grad_out, down.transpose(1, 2), plan, None, gather=True)
+    pair_out = grouped_matmul(hidden, down, plan, row_scale=pair_weights, scatter=True)
+    g = grouped_matmul(grad_out, down.transpose(1, 2), plan, gather=True)
     d_pre, _ = _swiglu_backward(pre, g, pair_weights, plan)
     gemm_flops = {"gate_up": 2 * P * H * 2 * D, "down": 2 * P * D * H}
     parts = {
         "plan": (lambda: build_dispatch_plan(expert_ids, E, num_shared_experts=S, check_ids=False), None),
-        "fwd gate_up GEMM": (lambda: _gemm(x, gate_up, plan, None, gather=True), gemm_flops["gate_up"]),
+        "fwd gate_up GEMM": (lambda: grouped_matmul(x, gate_up, plan, gather=True), gemm_flops["gate_up"]),
         "fwd swiglu": (lambda: _swiglu(pre), None),
-        "fwd down GEMM": (lambda: _gemm(hidden, down, plan, None, row_scale=pair_weights, scatter=True),
+        "fwd down GEMM": (lambda: grouped_matmul(hidden, down, plan, row_scale=pair_weights, scatter=True),
                           gemm_flops["down"]),
         "fwd combine": (lambda: combine_pairs(pair_out.view(T, top_k, H)), None),
-        "bwd dh GEMM (W_down^T view)": (lambda: _gemm(grad_out, down.transpose(1, 2), plan, None, gather=True),
+        "bwd dh GEMM (W_down^T view)": (lambda: grouped_matmul(grad_out, down.transpose(1, 2), plan, gather=True),
                                         gemm_flops["down"]),
         "bwd swiglu": (lambda: _swiglu_backward(pre, g, pair_weights, plan), None),
         # g holds w h after the backward's SwiGLU step, dW_down's operand.
         "bwd dW_down": (lambda: _down_weight_grad(g, grad_out, plan, None, torch.empty_like(down)), gemm_flops["down"]),
         "bwd dW_gate_up": (lambda: grouped_weight_grad(x, d_pre, plan, a_rows="tokens"), gemm_flops["gate_up"]),
-        "bwd dx GEMM (W_gate_up^T view)": (lambda: _gemm(d_pre, gate_up.transpose(1, 2), plan, None, scatter=True),
+        "bwd dx GEMM (W_gate_up^T view)": (lambda: grouped_matmul(d_pre, gate_up.transpose(1, 2), plan, scatter=True),
                                            gemm_flops["gate_up"]),
         "bwd combine": (lambda: combine_pairs(pair_out.view(T, top_k, H)), None),
     }  # fmt: skip
@@ -361,7 +362,7 @@ def time_parts(shape: Shape, inputs, grad_out) -> dict:
                                                gemm_flops["gate_up"])):  # fmt: skip
         try:
             copy = weight.transpose(1, 2).contiguous()
-            ms = time_ms(lambda: _gemm(rows, copy, plan, None, gather=gather, scatter=not gather), quick=True)
+            ms = time_ms(lambda: grouped_matmul(rows, copy, plan, gather=gather, scatter=not gather), quick=True)
             result[name] = {"ms": ms, "tflops": flops / (ms * 1e-3) / 1e12}
             del copy
         except Exception as error:
@@ -467,8 +468,8 @@ def sweep_weight_grad(shape: Shape, device: torch.device, smoke: bool, deadline:
     launches = {
         "dW_down": (lambda c: grouped_weight_grad(grad_out, scaled_hidden, plan, a_rows="tokens", config=c,
                                                   out=torch.empty_like(down).transpose(1, 2)), 2 * P * D * H, (H, D)),
-        "dW_down h-left": (lambda c: grouped_weight_grad(hidden, grad_out, plan, b_rows="tokens", row_scale=pair_weights,
-                                                         config=c), 2 * P * D * H, (D, H)),
+        "dW_down h-left": (lambda c: grouped_weight_grad(hidden, grad_out, plan, b_rows="tokens",
+                                                         row_scale=pair_weights, config=c), 2 * P * D * H, (D, H)),
         "dW_gate_up": (lambda c: grouped_weight_grad(x, d_pre, plan, a_rows="tokens", config=c), 2 * P * H * 2 * D,
                        (H, 2 * D)),
     }  # fmt: skip

@@ -105,7 +105,7 @@ def test_long_row_loops_down_gradient(recompute, monkeypatch):
     exact = output_and_grads(experts_torch, inputs, grad_out, torch.float32)
     for name, actual, expected in zip(NAMES, long_rows, exact):
         assert rel_l2(actual, expected) < TOLERANCE_VS_FP32[torch.bfloat16], name
-    monkeypatch.setattr(experts_autograd_module, "WIDE_TILE_MIN_ROWS", 10**9)  # the other orientation
+    monkeypatch.setattr(experts_autograd_module, "long_row_loops", lambda dtype, rows: False)  # the other orientation
     transposed_outs.clear()
     other = output_and_grads(triton, inputs, grad_out)
     assert not any(transposed_outs)

@@ -61,15 +61,7 @@ from moeflux.ops.dispatch import DispatchPlan, build_dispatch_plan
 from moeflux.ops.experts import check_same_device
 from moeflux.ops.experts.triton import check_forward_memory, combine_pairs, pair_weights
 from moeflux.ops.grouped_matmul import GroupedMatmulConfig, grouped_matmul, select_config
-from moeflux.ops.grouped_matmul.weight_grad import WIDE_TILE_MIN_ROWS, WeightGradConfig, grouped_weight_grad
-
-
-def _gemm(x, weight, plan, config, *, gather=False, row_scale=None, scatter=False, out=None) -> torch.Tensor:
-    """A grouped GEMM without SwiGLU epilogue (the backward needs the pre-activations);
-    ``config`` chosen by ``select_config`` (for this GEMM's layout) when ``None``."""
-    return grouped_matmul(
-        x, weight, plan, gather=gather, row_scale=row_scale, scatter=scatter, config=config, out=out
-    )
+from moeflux.ops.grouped_matmul.weight_grad import WeightGradConfig, grouped_weight_grad, long_row_loops
 
 
 def _elementwise_blocks(width: int) -> tuple[int, int]:
@@ -208,9 +200,10 @@ class ExpertsFunction(torch.autograd.Function):
             pre = None
             hidden = grouped_matmul(x, gate_up, plan, gather=True, swiglu=True, config=gemm_config)
         else:
-            pre = _gemm(x, gate_up, plan, gemm_config, gather=True)  # [P, 2D] sorted
+            pre = grouped_matmul(x, gate_up, plan, gather=True, config=gemm_config)  # [P, 2D] sorted
             hidden = _swiglu(pre)  # [P, D] sorted
-        pair_out = _gemm(hidden, down, plan, gemm_config, row_scale=weights, scatter=True)  # [P, H] pair order
+        # [P, H] pair order
+        pair_out = grouped_matmul(hidden, down, plan, row_scale=weights, scatter=True, config=gemm_config)
         del hidden
         out = combine_pairs(pair_out.view(T, top_k, H))
 
@@ -244,7 +237,7 @@ class ExpertsFunction(torch.autograd.Function):
 
         # [P, D] sorted: g = dout[token(r)] @ W_down[e]^T (the forward's gather, transposed weight),
         # which _swiglu_backward, its last reader, overwrites with w h.
-        g_then_wh = _gemm(d_out, down.transpose(1, 2), plan, gemm_config, gather=True)
+        g_then_wh = grouped_matmul(d_out, down.transpose(1, 2), plan, gather=True, config=gemm_config)
         d_pre, d_pair_weights = _swiglu_backward(pre, g_then_wh, weights, plan)
         d_down = None
         if needs_down:
@@ -259,7 +252,9 @@ class ExpertsFunction(torch.autograd.Function):
             d_x = torch.empty(T, H, device=x.device, dtype=x.dtype)
             for first, last in _column_bands(H, down.shape[1]):
                 # [P, band] pair order, then its per-token sum into d_x[:, first:last].
-                d_x_pairs = _gemm(d_pre, gate_up[:, first:last].transpose(1, 2), plan, gemm_config, scatter=True)
+                d_x_pairs = grouped_matmul(
+                    d_pre, gate_up[:, first:last].transpose(1, 2), plan, scatter=True, config=gemm_config
+                )
                 combine_pairs(d_x_pairs.view(T, plan.top_k, last - first), out=d_x[:, first:last])
                 del d_x_pairs
         del d_pre
@@ -275,7 +270,7 @@ def _down_weight_grad(
     """``d_down[e] = sum_r (w h)[r]^T dout[token(r)]``, written into ``d_down`` (``[E', D, H]`` or
     a band of its rows).
 
-    With long row loops (16-bit, at least ``WIDE_TILE_MIN_ROWS`` rows an expert) it is computed
+    With long row loops (:func:`~moeflux.ops.grouped_matmul.weight_grad.long_row_loops`) it is computed
     as its transpose into ``d_down``'s transposed view: the gathered ``dout`` then sits on the
     ``128 x 256`` tile's narrow side and the sorted ``w h`` on the wide side, read through TMA,
     as in ``dW_gate_up``. On the H100 that took dW_down from 2.46 to 2.09 ms at the
@@ -283,8 +278,7 @@ def _down_weight_grad(
     slice (``benchmarks/results/moe-train-h100-2026-11-25-0a800b2``). The short loops' ``128 x 128``
     tiles were 3-4% slower that way (a transposed pointer store), so they keep ``w h`` on the left.
     """
-    long_rows = d_out.element_size() <= 2 and plan.num_pairs >= WIDE_TILE_MIN_ROWS * plan.num_experts
-    if long_rows:
+    if long_row_loops(d_out.dtype, plan.num_pairs / max(plan.num_experts, 1)):
         grouped_weight_grad(d_out, scaled_hidden, plan, a_rows="tokens", config=config, out=d_down.transpose(1, 2))
     else:
         grouped_weight_grad(scaled_hidden, d_out, plan, b_rows="tokens", config=config, out=d_down)
@@ -311,9 +305,10 @@ def _backward_recomputing(ctx, d_out):
         width = d_last - d_first
         gate, up = slice(d_first, d_last), slice(D + d_first, D + d_last)
         pre = torch.empty(P, 2 * width, device=x.device, dtype=x.dtype)  # [P, 2 width] sorted gate|up band
-        _gemm(x, gate_up[:, :, gate], plan, gemm_config, gather=True, out=pre[:, :width])
-        _gemm(x, gate_up[:, :, up], plan, gemm_config, gather=True, out=pre[:, width:])
-        g_then_wh = _gemm(d_out, down[:, gate].transpose(1, 2), plan, gemm_config, gather=True)  # [P, width]
+        grouped_matmul(x, gate_up[:, :, gate], plan, gather=True, out=pre[:, :width], config=gemm_config)
+        grouped_matmul(x, gate_up[:, :, up], plan, gather=True, out=pre[:, width:], config=gemm_config)
+        # [P, width]
+        g_then_wh = grouped_matmul(d_out, down[:, gate].transpose(1, 2), plan, gather=True, config=gemm_config)
         d_pre, d_band_weights = _swiglu_backward(pre, g_then_wh, weights, plan)
         d_pair_weights += d_band_weights
         if needs_down:
@@ -329,8 +324,8 @@ def _backward_recomputing(ctx, d_out):
         if needs_x:
             for first, last in _column_bands(H, width):
                 for rows, columns in halves:
-                    d_x_pairs = _gemm(d_pre[:, rows], gate_up[:, first:last, columns].transpose(1, 2), plan,
-                                      gemm_config, scatter=True)  # fmt: skip
+                    d_x_pairs = grouped_matmul(d_pre[:, rows], gate_up[:, first:last, columns].transpose(1, 2), plan,
+                                               scatter=True, config=gemm_config)  # fmt: skip
                     combine_pairs(d_x_pairs.view(T, plan.top_k, last - first), out=d_x_sum[:, first:last],
                                   accumulate=True)  # fmt: skip
                     del d_x_pairs
@@ -458,7 +453,7 @@ class GroupedMatmulFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.plan, ctx.gather, ctx.scatter = plan, gather, scatter
         ctx.configs = (gemm_config, weight_grad_config)
-        return _gemm(x, weight, plan, gemm_config, gather=gather, scatter=scatter)
+        return grouped_matmul(x, weight, plan, gather=gather, scatter=scatter, config=gemm_config)
 
     @staticmethod
     @once_differentiable
@@ -472,9 +467,9 @@ class GroupedMatmulFunction(torch.autograd.Function):
             # Row r reads dout[dst(r)]: a pair-order dout is a gather over a plan of one pair a
             # token. dx[src(r)] sums over the rows that read a token: scatter to pair order, combine.
             pair_plan = dataclasses.replace(plan, num_tokens=plan.num_pairs, top_k=1)
-            d_rows = _gemm(
-                d_out, weight.transpose(1, 2), pair_plan if ctx.scatter else plan, gemm_config,
-                gather=ctx.scatter, scatter=ctx.gather,
+            d_rows = grouped_matmul(
+                d_out, weight.transpose(1, 2), pair_plan if ctx.scatter else plan,
+                gather=ctx.scatter, scatter=ctx.gather, config=gemm_config,
             )  # fmt: skip
             d_x = combine_pairs(d_rows.view(plan.num_tokens, plan.top_k, -1)) if ctx.gather else d_rows
         if ctx.needs_input_grad[1]:

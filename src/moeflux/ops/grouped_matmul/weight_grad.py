@@ -104,6 +104,12 @@ class WeightGradConfig:
 WIDE_TILE_MIN_ROWS = 512
 
 
+def long_row_loops(dtype: torch.dtype, rows_per_expert: float | None) -> bool:
+    """16-bit operands and at least :data:`WIDE_TILE_MIN_ROWS` rows an expert (unknown counts
+    as long): the regime of :func:`select_weight_grad_config`'s ``128 x 256`` TMA tiles."""
+    return dtype.itemsize <= 2 and (rows_per_expert is None or rows_per_expert >= WIDE_TILE_MIN_ROWS)
+
+
 @functools.lru_cache(maxsize=256)
 def select_weight_grad_config(
     K: int, N: int, dtype: torch.dtype, *, rows_per_expert: float | None = None
@@ -131,8 +137,7 @@ def select_weight_grad_config(
       ``benchmarks/results/moe-train-h100-2026-11-25-8e35977-tma-sweep``).
     """
     element_size = dtype.itemsize
-    long_rows = rows_per_expert is None or rows_per_expert >= WIDE_TILE_MIN_ROWS
-    wide = element_size <= 2 and long_rows and K >= 128 and N >= 256
+    wide = long_row_loops(dtype, rows_per_expert) and K >= 128 and N >= 256
     block_k = min(128, _at_least_16(K))
     block_n = 256 if wide else min(128, _at_least_16(N))
     block_m = 32 if element_size >= 4 else 64
